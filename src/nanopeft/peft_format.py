@@ -1,0 +1,216 @@
+"""Adapters in peft's file format, so that peft, transformers and nanopeft load each other's adapters.
+
+A peft adapter is a folder with two files:
+
+    adapter_config.json         {"peft_type": "LORA", "r": 8, "lora_alpha": 16, "target_modules": [...], ...}
+    adapter_model.safetensors   base_model.model.<module path>.lora_A.weight       (r, in)
+                                base_model.model.<module path>.lora_B.weight       (out, r)
+                                base_model.model.<module path>.lora_magnitude_vector  (out,)   DoRA only
+
+Our layers hold the same tensors under the names `lora_A`, `lora_B` (and `magnitude`), so saving and loading
+are renames. Only safetensors is read: a pickled `adapter_model.bin` can run code when loaded, so we refuse it.
+"""
+from __future__ import annotations
+
+import json
+import os
+import re
+import tempfile
+from pathlib import Path
+
+import torch
+from torch import nn
+
+from .adapters import METHODS, add_adapters, adapter_layers
+
+CONFIG_NAME = "adapter_config.json"
+WEIGHTS_NAME = "adapter_model.safetensors"
+PREFIX = "base_model.model."  # peft wraps the model twice: PeftModel.base_model (LoraModel) .model
+
+
+def _method_name(layer) -> str:
+    return next(name for name, cls in METHODS.items() if type(layer) is cls)
+
+
+def _target_modules(model, paths):
+    """peft's `target_modules` for exactly these module paths: their leaf names if those match exactly these
+    modules, else an anchored regex of the full paths (peft full-matches a string against module paths)."""
+    leaves = sorted({p.rsplit(".", 1)[-1] for p in paths})
+    by_leaf = {n for n, _ in model.named_modules() if n.rsplit(".", 1)[-1] in leaves}
+    if by_leaf == set(paths):
+        return leaves
+    return "^(" + "|".join(re.escape(p) for p in sorted(paths)) + ")$"
+
+
+def save_adapter(model: nn.Module, folder) -> Path:
+    """Write the model's adapters as a peft adapter folder; returns the folder.
+
+    The files are written to temporary names and then renamed, so an interrupted save never leaves a
+    half-written adapter behind.
+    """
+    from safetensors.torch import save_file
+
+    layers = adapter_layers(model)
+    if not layers:
+        raise ValueError("This model has no adapters to save: call add_adapters(model, ...) first.")
+    methods = {_method_name(layer) for layer in layers.values()}
+    first = next(iter(layers.values()))
+    if len(methods) > 1 or any((l.r, l.alpha, l.rslora) != (first.r, first.alpha, first.rslora) for l in layers.values()):
+        raise ValueError("save_adapter writes one peft config, so every adapter layer must share method, r, alpha "
+                         "and rslora.")
+    dropout = first.lora_dropout.p if isinstance(first.lora_dropout, nn.Dropout) else 0.0
+    config = {
+        "peft_type": "LORA",
+        "task_type": "CAUSAL_LM",
+        "base_model_name_or_path": getattr(getattr(model, "config", None), "_name_or_path", None) or None,
+        "r": first.r,
+        "lora_alpha": first.alpha,
+        "lora_dropout": dropout,
+        "target_modules": _target_modules(model, list(layers)),
+        "use_dora": methods == {"dora"},
+        "use_rslora": first.rslora,
+        "bias": "none",
+        "fan_in_fan_out": False,
+        "init_lora_weights": True,
+        "inference_mode": True,
+        "modules_to_save": None,
+        "layers_to_transform": None,
+        "rank_pattern": {},
+        "alpha_pattern": {},
+    }
+    tensors = {}
+    for path, layer in layers.items():
+        for ours, theirs in layer.PEFT_NAMES.items():
+            tensors[f"{PREFIX}{path}.{theirs}"] = getattr(layer, ours).detach().to("cpu").contiguous()
+
+    folder = Path(folder)
+    folder.mkdir(parents=True, exist_ok=True)
+    for name, write in ((WEIGHTS_NAME, lambda p: save_file(tensors, p, metadata={"format": "pt"})),
+                        (CONFIG_NAME, lambda p: Path(p).write_text(json.dumps(config, indent=2) + "\n"))):
+        fd, tmp = tempfile.mkstemp(dir=folder, prefix=f".{name}.")
+        os.close(fd)
+        try:
+            write(tmp)
+            os.replace(tmp, folder / name)
+        finally:
+            if os.path.exists(tmp):
+                os.remove(tmp)
+    return folder
+
+
+def read_adapter(folder):
+    """Read and check a peft adapter folder; returns (config dict, {module path: {our name: tensor}})."""
+    from safetensors import SafetensorError
+    from safetensors.torch import load_file
+
+    folder = Path(folder)
+    if not folder.is_dir():
+        raise FileNotFoundError(f"Adapter folder {folder} does not exist.")
+    if not (folder / CONFIG_NAME).is_file():
+        raise FileNotFoundError(f"{folder} has no {CONFIG_NAME}: it is not a peft adapter folder.")
+    if not (folder / WEIGHTS_NAME).is_file():
+        extra = (" It has adapter_model.bin, a pickle file, which nanopeft does not load because unpickling can "
+                 "run code; re-save it with peft's save_pretrained(safe_serialization=True).") \
+            if (folder / "adapter_model.bin").exists() else ""
+        raise FileNotFoundError(f"{folder} has no {WEIGHTS_NAME}.{extra}")
+    try:
+        config = json.loads((folder / CONFIG_NAME).read_text())
+    except (json.JSONDecodeError, UnicodeDecodeError) as err:
+        raise ValueError(f"{folder / CONFIG_NAME} is not valid JSON ({err}); the file is corrupt.") from err
+    if not isinstance(config, dict):
+        raise ValueError(f"{folder / CONFIG_NAME} must hold a JSON object.")
+    if config.get("peft_type") != "LORA":
+        raise ValueError(f"{folder} holds a {config.get('peft_type')!r} adapter; nanopeft loads peft_type 'LORA' "
+                         f"(LoRA and DoRA) only.")
+    for key in ("r", "lora_alpha"):
+        if key not in config:
+            raise ValueError(f"{folder / CONFIG_NAME} has no {key!r}.")
+    if config.get("rank_pattern") or config.get("alpha_pattern"):
+        raise ValueError("Adapters with per-layer rank_pattern/alpha_pattern are not supported by nanopeft.")
+    try:
+        tensors = load_file(folder / WEIGHTS_NAME)
+    except (SafetensorError, OSError, ValueError) as err:
+        raise ValueError(f"{folder / WEIGHTS_NAME} cannot be read ({err}); the file is corrupt.") from err
+
+    method = "dora" if config.get("use_dora") else "lora"
+    if method not in METHODS:
+        raise ValueError(f"This adapter uses {method}, which is not available: import nanopeft.dora.")
+    names = {theirs: ours for ours, theirs in METHODS[method].PEFT_NAMES.items()}
+    weights = {}
+    for key, tensor in tensors.items():
+        if not key.startswith(PREFIX):
+            raise ValueError(f"Key {key!r} in {WEIGHTS_NAME} does not start with {PREFIX!r}: peft would load it as "
+                             f"nothing (B stays zero). Rename the keys to {PREFIX}<module path>.lora_A.weight.")
+        rest = key[len(PREFIX):]
+        suffix = next((s for s in names if rest.endswith("." + s)), None)
+        if suffix is None:
+            if rest.endswith(".lora_magnitude_vector"):
+                raise ValueError(f"{WEIGHTS_NAME} holds DoRA magnitudes ({key}) but {CONFIG_NAME} says use_dora "
+                                 f"is false; the files do not belong together.")
+            raise ValueError(f"Key {key!r} is not a {method} weight nanopeft knows ({sorted(names)}).")
+        weights.setdefault(rest[: -len(suffix) - 1], {})[names[suffix]] = tensor
+    for path, found in weights.items():
+        missing = set(names.values()) - set(found)
+        if missing:
+            raise ValueError(f"{WEIGHTS_NAME} lacks {sorted(missing)} for {path}.")
+    if not weights:
+        raise ValueError(f"{WEIGHTS_NAME} holds no adapter weights.")
+    return config, weights
+
+
+def load_adapter(model: nn.Module, folder) -> nn.Module:
+    """Load a peft adapter folder (written by nanopeft or by peft's `save_pretrained`) into `model`.
+
+    A plain model gets adapters added as the config says, on exactly the modules the file names; a model that
+    already has adapters must have the same ones (method, r, alpha, modules). Every check runs before the model
+    is changed. The model's adapters are trainable afterwards (peft's `is_trainable=False` pitfall does not apply).
+    """
+    config, weights = read_adapter(folder)
+    method = "dora" if config.get("use_dora") else "lora"
+    r, alpha, rslora = config["r"], config["lora_alpha"], bool(config.get("use_rslora", False))
+    modules = dict(model.named_modules())
+    existing = adapter_layers(model)
+
+    if existing:
+        if set(existing) != set(weights):
+            raise ValueError(
+                f"The adapter's modules do not fit this model's adapters: only in the file "
+                f"{sorted(set(weights) - set(existing))[:3]}, only in the model {sorted(set(existing) - set(weights))[:3]}."
+            )
+        for path, layer in existing.items():
+            if _method_name(layer) != method:
+                raise ValueError(f"{folder} is a {method} adapter but the model's {path} is a {_method_name(layer)} "
+                                 f"layer: load it into a plain model, or remove_adapters(model) first.")
+            if (layer.r, layer.alpha, layer.rslora) != (r, alpha, rslora):
+                raise ValueError(f"{folder} has r={r}, lora_alpha={alpha}, use_rslora={rslora} but the model's "
+                                 f"{path} has r={layer.r}, alpha={layer.alpha}, rslora={layer.rslora}.")
+            if layer.merged:
+                raise RuntimeError(f"The model's adapters are merged; unmerge_adapters(model) before loading.")
+        shapes = {p: (l.in_features, l.out_features) for p, l in existing.items()}
+    else:
+        shapes = {}
+        for path in weights:
+            if path not in modules:
+                raise ValueError(f"The adapter targets {path}, which is not a module of {type(model).__name__}: "
+                                 f"it was trained for a different model.")
+            if not isinstance(modules[path], nn.Linear):
+                raise TypeError(f"The adapter targets {path}, a {type(modules[path]).__name__}, not an nn.Linear.")
+            shapes[path] = (modules[path].in_features, modules[path].out_features)
+
+    for path, tensors in weights.items():
+        in_f, out_f = shapes[path]
+        expected = {"lora_A": (r, in_f), "lora_B": (out_f, r), "magnitude": (out_f,)}
+        for name, t in tensors.items():
+            if tuple(t.shape) != expected[name]:
+                raise ValueError(f"{path}.{METHODS[method].PEFT_NAMES[name]} has shape {tuple(t.shape)}, but this "
+                                 f"model with r={r} needs {expected[name]}.")
+
+    if not existing:
+        dropout = float(config.get("lora_dropout", 0.0) or 0.0)
+        add_adapters(model, method=method, r=r, alpha=alpha, targets=list(weights), dropout=dropout, rslora=rslora)
+    layers = adapter_layers(model)
+    with torch.no_grad():
+        for path, tensors in weights.items():
+            for name, t in tensors.items():
+                getattr(layers[path], name).copy_(t)
+    return model

@@ -1,0 +1,139 @@
+"""One readable training loop for every method in nanoPEFT.
+
+Whatever is trainable (LoRA's A and B, DoRA's magnitude, or whole matrices for full fine-tuning) is whatever has
+`requires_grad=True`; the loop does not care which method put it there. Each step:
+
+    1. take the next `batch_size` tickets (shuffled once per pass, seeded),
+    2. tokenise prompt + answer; the labels are -100 on the prompt and padding, so the loss is only the answer,
+    3. forward, cross-entropy on the answer tokens, backward, optimizer step,
+    4. record loss, step time and memory, and hand the record to `callback` (e.g. `LiveDisplay`).
+"""
+from __future__ import annotations
+
+import os
+import random
+import time
+
+import torch
+
+from .data import answer_text, check_examples, prompt_text
+from .memory import MemoryMeter
+
+IGNORE_INDEX = -100  # the label PyTorch's cross-entropy skips
+
+
+def quiet() -> bool:
+    """Progress bars off in CI (CI is set) or when NANOPEFT_QUIET=1."""
+    return bool(os.environ.get("CI")) or os.environ.get("NANOPEFT_QUIET") == "1"
+
+
+def encode(tokenizer, examples, device=None) -> dict:
+    """Right-padded `input_ids`, `attention_mask` and `labels` for a batch; labels mask out the prompt.
+
+    prompt:  <|im_start|>system ... <|im_start|>user {ticket}<|im_end|> <|im_start|>assistant\\n
+    answer:  {label}<|im_end|>            <- the only tokens the loss sees
+    """
+    rows = []
+    for ex in examples:
+        prompt = tokenizer(prompt_text(tokenizer, ex.text), add_special_tokens=False)["input_ids"]
+        answer = tokenizer(answer_text(tokenizer, ex.label), add_special_tokens=False)["input_ids"]
+        rows.append((prompt + answer, [IGNORE_INDEX] * len(prompt) + answer))
+    width = max(len(ids) for ids, _ in rows)
+    pad = tokenizer.pad_token_id
+    input_ids = torch.tensor([ids + [pad] * (width - len(ids)) for ids, _ in rows])  # (B, T)
+    labels = torch.tensor([lab + [IGNORE_INDEX] * (width - len(lab)) for _, lab in rows])  # (B, T)
+    attention_mask = torch.tensor([[1] * len(ids) + [0] * (width - len(ids)) for ids, _ in rows])  # (B, T)
+    batch = {"input_ids": input_ids, "attention_mask": attention_mask, "labels": labels}
+    return {k: v.to(device) for k, v in batch.items()} if device is not None else batch
+
+
+def answer_loss(logits: torch.Tensor, labels: torch.Tensor) -> torch.Tensor:
+    """Mean cross-entropy over answer tokens: the logit at position t predicts the token at t + 1."""
+    logits = logits[:, :-1].float()  # (B, T-1, V)
+    targets = labels[:, 1:]  # (B, T-1)
+    return torch.nn.functional.cross_entropy(logits.reshape(-1, logits.size(-1)), targets.reshape(-1),
+                                             ignore_index=IGNORE_INDEX)
+
+
+def train(model, tokenizer, examples, steps: int, optimizer, batch_size: int = 8, seed: int = 0,
+          callback=None, progress: bool | None = None, max_grad_norm: float | None = 1.0,
+          desc: str = "training") -> list:
+    """Train whatever in `model` requires grad for `steps` optimizer steps; return one record per step.
+
+    Each record: `step`, `loss`, `step_time` (seconds, forward + backward + optimizer step), and `memory`
+    (bytes per category from `memory.tensor_breakdown`, and the peak so far: CUDA allocated or CPU RSS).
+    """
+    examples = check_examples(examples)
+    if not isinstance(steps, int) or steps < 1:
+        raise ValueError(f"steps must be a positive integer, got {steps!r}.")
+    if batch_size < 1:
+        raise ValueError(f"batch_size must be at least 1, got {batch_size}.")
+    trainable = [p for p in model.parameters() if p.requires_grad]
+    if not trainable:
+        raise ValueError(
+            "The model has no trainable parameters: every parameter has requires_grad=False. Add adapters first "
+            "(nanopeft.add_adapters(model, ...)) or unfreeze the weights you want to train."
+        )
+    in_optimizer = {id(p) for group in optimizer.param_groups for p in group["params"]}
+    if not any(id(p) in in_optimizer for p in trainable):
+        raise ValueError("The optimizer holds none of the model's trainable parameters: build it after adding "
+                         "adapters, from the model's trainable parameters.")
+
+    from tqdm.auto import tqdm
+
+    device = next(model.parameters()).device
+    rng = random.Random(seed)
+    order, cursor = [], 0
+    history = []
+    model.train()
+    bar = tqdm(range(1, steps + 1), desc=desc, disable=quiet() if progress is None else not progress)
+    with MemoryMeter(model, optimizer, device) as meter:
+        for step in bar:
+            # 1. next batch, reshuffling at the start of every pass over the data
+            batch_examples = []
+            while len(batch_examples) < batch_size:
+                if cursor == len(order):
+                    order, cursor = list(range(len(examples))), 0
+                    rng.shuffle(order)
+                batch_examples.append(examples[order[cursor]])
+                cursor += 1
+            batch = encode(tokenizer, batch_examples, device)
+
+            if device.type == "cuda":
+                torch.cuda.synchronize(device)
+            start = time.perf_counter()
+            # 2-3. forward on the answer tokens only, backward, step
+            logits = model(input_ids=batch["input_ids"], attention_mask=batch["attention_mask"]).logits  # (B, T, V)
+            loss = answer_loss(logits, batch["labels"])
+            loss.backward()
+            if max_grad_norm is not None:
+                torch.nn.utils.clip_grad_norm_(trainable, max_grad_norm)
+            optimizer.step()
+            if device.type == "cuda":
+                torch.cuda.synchronize(device)
+            step_time = time.perf_counter() - start
+
+            # 4. record, with the gradients still alive (that is when memory peaks)
+            record = {"step": step, "loss": loss.item(), "step_time": step_time,
+                      "memory": {**meter.sample(), **meter.current()}, "last": step == steps}
+            optimizer.zero_grad(set_to_none=True)
+            history.append(record)
+            bar.set_postfix(loss=f"{record['loss']:.3f}")
+            if callback is not None:
+                callback(record)
+    model.eval()
+    return history
+
+
+def summarize(history: list) -> dict:
+    """Mean step time (skipping the first, warm-up step when there are more), first and last loss, peak memory."""
+    times = [r["step_time"] for r in history]
+    steady = times[1:] if len(times) > 1 else times
+    return {
+        "steps": len(history),
+        "first loss": history[0]["loss"],
+        "last loss": history[-1]["loss"],
+        "mean step time": sum(steady) / len(steady),
+        "peak memory": max(r["memory"]["peak"] for r in history),
+        "peak memory kind": history[-1]["memory"]["kind"],
+    }
