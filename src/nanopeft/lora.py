@@ -53,7 +53,11 @@ class LoRALinear(nn.Module):
         self.scaling = alpha / math.sqrt(r) if rslora else alpha / r
         self.lora_dropout = nn.Dropout(dropout) if dropout > 0 else nn.Identity()
         A, B = init_lora_weights(self.in_features, self.out_features, r, init)
-        device = base_weight(base).device
+        device, dtype = base_weight(base).device, base_weight(base).dtype
+        if init == "peft" and dtype.is_floating_point:
+            # peft first moves a new adapter to the base layer's dtype and only then up-casts it to float32, so on a
+            # float16/bfloat16 base its A has been rounded to that precision. Do the same to get the same A.
+            A = A.to(dtype).float()
         self.lora_A = nn.Parameter(A.to(device))  # (r, in)
         self.lora_B = nn.Parameter(B.to(device))  # (out, r), zeros
         self.merged = False

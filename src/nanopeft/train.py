@@ -28,29 +28,41 @@ def quiet() -> bool:
 
 
 def encode(tokenizer, examples, device=None) -> dict:
-    """Right-padded `input_ids`, `attention_mask` and `labels` for a batch; labels mask out the prompt.
+    """Left-padded `input_ids`, `attention_mask` and `labels` for a batch; labels mask out the prompt.
 
-    prompt:  <|im_start|>system ... <|im_start|>user {ticket}<|im_end|> <|im_start|>assistant\\n
+    prompt:  <|im_start|>system ... <|im_start|>user {ticket}<|im_end|> <|im_start|>assistant\n
     answer:  {label}<|im_end|>            <- the only tokens the loss sees
+
+    Padding goes on the left, so every row's answer ends at the last position and the loss needs the logits of the
+    last `answer_span + 1` positions only (`keep`): the head (576 x 49152 on SmolLM2) then runs on a handful of
+    positions instead of all of them. Rotary position embeddings depend only on relative positions, so the padding
+    does not change what the real tokens compute.
     """
     rows = []
     for ex in examples:
         prompt = tokenizer(prompt_text(tokenizer, ex.text), add_special_tokens=False)["input_ids"]
         answer = tokenizer(answer_text(tokenizer, ex.label), add_special_tokens=False)["input_ids"]
-        rows.append((prompt + answer, [IGNORE_INDEX] * len(prompt) + answer))
-    width = max(len(ids) for ids, _ in rows)
+        rows.append((prompt + answer, [IGNORE_INDEX] * len(prompt) + answer, len(answer)))
+    width = max(len(ids) for ids, _, _ in rows)
     pad = tokenizer.pad_token_id
-    input_ids = torch.tensor([ids + [pad] * (width - len(ids)) for ids, _ in rows])  # (B, T)
-    labels = torch.tensor([lab + [IGNORE_INDEX] * (width - len(lab)) for _, lab in rows])  # (B, T)
-    attention_mask = torch.tensor([[1] * len(ids) + [0] * (width - len(ids)) for ids, _ in rows])  # (B, T)
+    input_ids = torch.tensor([[pad] * (width - len(ids)) + ids for ids, _, _ in rows])  # (B, T)
+    labels = torch.tensor([[IGNORE_INDEX] * (width - len(lab)) + lab for _, lab, _ in rows])  # (B, T)
+    attention_mask = torch.tensor([[0] * (width - len(ids)) + [1] * len(ids) for ids, _, _ in rows])  # (B, T)
     batch = {"input_ids": input_ids, "attention_mask": attention_mask, "labels": labels}
-    return {k: v.to(device) for k, v in batch.items()} if device is not None else batch
+    if device is not None:
+        batch = {k: v.to(device) for k, v in batch.items()}
+    batch["keep"] = max(n for _, _, n in rows) + 1  # the last prompt position predicts the first answer token
+    return batch
 
 
 def answer_loss(logits: torch.Tensor, labels: torch.Tensor) -> torch.Tensor:
-    """Mean cross-entropy over answer tokens: the logit at position t predicts the token at t + 1."""
-    logits = logits[:, :-1].float()  # (B, T-1, V)
-    targets = labels[:, 1:]  # (B, T-1)
+    """Mean cross-entropy over answer tokens: the logit at position t predicts the token at t + 1.
+
+    logits: (B, k, V) for the last k positions; labels: (B, T), of which the last k are used.
+    """
+    labels = labels[:, -logits.size(1):]  # (B, k)
+    logits = logits[:, :-1].float()  # (B, k-1, V)
+    targets = labels[:, 1:]  # (B, k-1)
     return torch.nn.functional.cross_entropy(logits.reshape(-1, logits.size(-1)), targets.reshape(-1),
                                              ignore_index=IGNORE_INDEX)
 
@@ -103,7 +115,8 @@ def train(model, tokenizer, examples, steps: int, optimizer, batch_size: int = 8
                 torch.cuda.synchronize(device)
             start = time.perf_counter()
             # 2-3. forward on the answer tokens only, backward, step
-            logits = model(input_ids=batch["input_ids"], attention_mask=batch["attention_mask"]).logits  # (B, T, V)
+            logits = model(input_ids=batch["input_ids"], attention_mask=batch["attention_mask"],
+                           logits_to_keep=batch["keep"]).logits  # (B, keep, V)
             loss = answer_loss(logits, batch["labels"])
             loss.backward()
             if max_grad_norm is not None:
