@@ -175,6 +175,15 @@ def test_half_precision_base_keeps_fp32_adapters_like_peft(dtype):
     a, b = ours(input_ids=ids).logits, theirs(input_ids=ids).logits
     assert a.dtype == b.dtype == dtype
     torch.testing.assert_close(a, b, rtol=0, atol=0)
+    # merged and unmerged half-precision weights: the same roundings as peft's
+    merge_adapters(ours)
+    theirs.merge_adapter()
+    for path, layer in adapter_layers(ours).items():
+        assert torch.equal(layer.base_layer.weight, peft_layer(theirs, path).base_layer.weight), path
+    unmerge_adapters(ours)
+    theirs.unmerge_adapter()
+    for path, layer in adapter_layers(ours).items():
+        assert torch.equal(layer.base_layer.weight, peft_layer(theirs, path).base_layer.weight), path
 
 
 # --- the PEFT file format -----------------------------------------------------------------------------------------

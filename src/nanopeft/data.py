@@ -21,10 +21,7 @@ import torch
 
 CATEGORIES = ("billing", "shipping", "technical", "account", "returns", "feedback")
 
-SYSTEM_PROMPT = (
-    "You route customer support tickets. Read the ticket and answer with exactly one word, the team that "
-    "should handle it: " + ", ".join(CATEGORIES) + "."
-)
+SYSTEM_PROMPT = "Route the support ticket to one team: " + ", ".join(CATEGORIES) + ". Answer with the team only."
 
 PRODUCTS = (
     "SmartHome Hub", "FitBand 3 watch", "AeroBuds earbuds", "Barista Pro coffee machine", "Trailrunner backpack",
@@ -68,7 +65,7 @@ TEMPLATES = {
         "The delivery driver left my {product} with a neighbour I don't know.",
         "Can you hold my order at the pickup point in {city} instead of home delivery?",
         "It says out for delivery since yesterday morning and still nothing.",
-        "Customs in {city} is asking me for a fee before releasing my parcel.",
+        "My parcel has been held at customs in {city} for {days} days with no update.",
         "I need the {product} before {month} {n}, can you upgrade the shipping?",
         "The courier keeps rescheduling my delivery and never shows up.",
     ],

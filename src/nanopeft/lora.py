@@ -83,7 +83,8 @@ class LoRALinear(nn.Module):
         if self.merged:
             raise RuntimeError("This LoRA layer is already merged; call unmerge() first.")
         weight = base_weight(self.base_layer)
-        weight += self.delta_weight().to(weight.dtype)
+        # The float32 update is added in float32 and rounded once to the weight's dtype (as peft's merge does).
+        weight += self.delta_weight()
         self.merged = True
 
     @torch.no_grad()
@@ -92,6 +93,8 @@ class LoRALinear(nn.Module):
         if not self.merged:
             raise RuntimeError("This LoRA layer is not merged; there is nothing to unmerge.")
         weight = base_weight(self.base_layer)
+        # peft rounds the update to the weight's dtype before subtracting; so do we, to give back peft's weights.
+        # (In half precision W0 is therefore recovered only up to rounding: keep a copy if you need it exactly.)
         weight -= self.delta_weight().to(weight.dtype)
         self.merged = False
 

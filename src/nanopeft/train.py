@@ -67,10 +67,26 @@ def answer_loss(logits: torch.Tensor, labels: torch.Tensor) -> torch.Tensor:
                                              ignore_index=IGNORE_INDEX)
 
 
+def warmup_linear_decay(optimizer, steps: int, warmup: int | None = None):
+    """The usual fine-tuning schedule: the learning rate rises linearly over `warmup` steps (default 10% of
+    `steps`), then falls linearly to zero at the last step. Ending at a small rate keeps the last steps from
+    undoing what the earlier ones learned."""
+    warmup = max(1, steps // 10) if warmup is None else warmup
+
+    def factor(step):  # step counts optimizer steps already taken: 0, 1, ...
+        if step < warmup:
+            return (step + 1) / warmup
+        return max(0.0, (steps - step) / max(1, steps - warmup))
+
+    return torch.optim.lr_scheduler.LambdaLR(optimizer, factor)
+
+
 def train(model, tokenizer, examples, steps: int, optimizer, batch_size: int = 8, seed: int = 0,
           callback=None, progress: bool | None = None, max_grad_norm: float | None = 1.0,
-          desc: str = "training") -> list:
+          schedule: bool = True, desc: str = "training") -> list:
     """Train whatever in `model` requires grad for `steps` optimizer steps; return one record per step.
+
+    schedule: warm up and then decay the optimizer's learning rates (`warmup_linear_decay`); False keeps them fixed.
 
     Each record: `step`, `loss`, `step_time` (seconds, forward + backward + optimizer step), and `memory`
     (bytes per category from `memory.tensor_breakdown`, and the peak so far: CUDA allocated or CPU RSS).
@@ -98,6 +114,7 @@ def train(model, tokenizer, examples, steps: int, optimizer, batch_size: int = 8
     order, cursor = [], 0
     history = []
     model.train()
+    scheduler = warmup_linear_decay(optimizer, steps) if schedule else None
     bar = tqdm(range(1, steps + 1), desc=desc, disable=quiet() if progress is None else not progress)
     with MemoryMeter(model, optimizer, device) as meter:
         for step in bar:
@@ -122,12 +139,14 @@ def train(model, tokenizer, examples, steps: int, optimizer, batch_size: int = 8
             if max_grad_norm is not None:
                 torch.nn.utils.clip_grad_norm_(trainable, max_grad_norm)
             optimizer.step()
+            if scheduler is not None:
+                scheduler.step()
             if device.type == "cuda":
                 torch.cuda.synchronize(device)
             step_time = time.perf_counter() - start
 
             # 4. record, with the gradients still alive (that is when memory peaks)
-            record = {"step": step, "loss": loss.item(), "step_time": step_time,
+            record = {"step": step, "loss": loss.item(), "step_time": step_time, "lr": optimizer.param_groups[0]["lr"],
                       "memory": {**meter.sample(), **meter.current()}, "last": step == steps}
             optimizer.zero_grad(set_to_none=True)
             history.append(record)
