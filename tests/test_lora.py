@@ -95,6 +95,20 @@ def test_outputs_and_gradients_match_peft_on_the_bundled_model(smollm, rslora):
     assert_matches_peft(ours, theirs, ids)
 
 
+@pytest.mark.slow
+def test_merge_on_the_bundled_model_equals_peft_merge(smollm):
+    model, tok = smollm
+    ours, theirs = twin_models(model, targets="all-linear")
+    ids = tok(["My parcel is late and I want a refund for the delivery charge"], return_tensors="pt")["input_ids"]
+    with torch.no_grad():
+        unmerged = ours(input_ids=ids).logits
+        merged = merge_adapters(ours)(input_ids=ids).logits
+        reference = theirs.merge_and_unload()(input_ids=ids).logits
+    assert torch.equal(merged, reference)  # the same roundings as peft
+    # and within float32 rounding of the unmerged model: 30 layers, logits of size ~30
+    assert (merged - unmerged).abs().max() <= 1e-4 * unmerged.abs().max()
+
+
 def test_seeded_init_replays_peft_bit_for_bit():
     ours, theirs = twin_models(tiny_llama(), targets="all-linear")
     for path, layer in adapter_layers(ours).items():

@@ -70,7 +70,7 @@ def demo(args) -> None:
     print(f"baseline accuracy on {len(test)} held-out tickets: {before:.1%}")
 
     torch.manual_seed(args.seed)
-    add_adapters(model, method="lora", r=args.r, alpha=2 * args.r, targets=("q_proj", "v_proj"))
+    add_adapters(model, method="lora", r=args.r, alpha=2 * args.r, targets="all-linear")
     print(trainable_parameters(model))
     optimizer = torch.optim.AdamW([p for p in model.parameters() if p.requires_grad], lr=args.lr)
     history = train(model, tok, task.train, args.steps, optimizer, batch_size=args.batch_size, seed=args.seed,
@@ -93,9 +93,9 @@ def main(argv=None) -> None:
     sub = parser.add_subparsers(dest="command", required=True)
     d = sub.add_parser("demo", help="the tour: verify, score, fine-tune, score again")
     d.add_argument("--steps", type=int, default=int(os.environ.get("NANOPEFT_STEPS", 40)))
-    d.add_argument("--batch-size", type=int, default=8)
+    d.add_argument("--batch-size", type=int, default=4)
     d.add_argument("--r", type=int, default=8)
-    d.add_argument("--lr", type=float, default=1e-3)
+    d.add_argument("--lr", type=float, default=2e-3)
     d.add_argument("--eval", type=int, default=60, help="held-out tickets to score")
     d.add_argument("--seed", type=int, default=0)
     args = parser.parse_args(argv)
