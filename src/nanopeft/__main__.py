@@ -74,7 +74,7 @@ def demo(args) -> None:
     print(trainable_parameters(model))
     optimizer = torch.optim.AdamW([p for p in model.parameters() if p.requires_grad], lr=args.lr)
     history = train(model, tok, task.train, args.steps, optimizer, batch_size=args.batch_size, seed=args.seed,
-                    callback=LiveDisplay("LoRA", every=max(1, args.steps // 5), widgets=False))
+                    callback=LiveDisplay("LoRA", every=max(1, args.steps // 5), widgets=False), progress=False)
     after = evaluate(model, tok, test)
     s = summarize(history)
     print(f"\naccuracy: {before:.1%} before -> {after:.1%} after {args.steps} LoRA steps")

@@ -66,10 +66,17 @@ def load_base_model(name: str = BUNDLED, dtype: torch.dtype = torch.float32, dev
     device: where to put the model (None: leave it on the CPU).
     """
     from transformers import AutoModelForCausalLM, AutoTokenizer
+    from transformers.utils import logging as hf_logging
 
     if name.lower() == BUNDLED:
         folder = _bundled_cache()
-        model = AutoModelForCausalLM.from_pretrained(folder, dtype=dtype, use_safetensors=True)
+        bar = hf_logging.is_progress_bar_enabled()
+        hf_logging.disable_progress_bar()  # a 1-second load needs no progress bar in every notebook cell
+        try:
+            model = AutoModelForCausalLM.from_pretrained(folder, dtype=dtype, use_safetensors=True)
+        finally:
+            if bar:
+                hf_logging.enable_progress_bar()
         tokenizer = AutoTokenizer.from_pretrained(folder)
     else:
         try:
