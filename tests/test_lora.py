@@ -4,56 +4,14 @@ import json
 
 import pytest
 import torch
-from peft import LoraConfig, PeftModel, get_peft_model
+from peft import PeftModel
 from torch import nn
 
 from nanopeft import (LoRALinear, add_adapters, adapter_layers, load_adapter, merge_adapters, remove_adapters,
                       save_adapter, trainable_parameters, unmerge_adapters)
 from nanopeft.models import tiny_llama, tiny_qwen2
 
-TARGETS = ("q_proj", "v_proj")
-
-
-def peft_layer(peft_model, path):
-    return peft_model.get_submodule("base_model.model." + path)
-
-
-def twin_models(base, seed=0, **kw):
-    """Our LoRA model and peft's, built from the same base with the same seed, with B made non-zero (the same in
-    both) so that every check below sees a real update."""
-    kw = {"r": 8, "alpha": 16, "targets": TARGETS, "dropout": 0.0, "rslora": False, **kw}
-    torch.manual_seed(seed)
-    ours = add_adapters(copy.deepcopy(base), **kw)
-    torch.manual_seed(seed)
-    config = LoraConfig(r=kw["r"], lora_alpha=kw["alpha"], target_modules=list(kw["targets"]) if kw["targets"] !=
-                        "all-linear" else "all-linear", lora_dropout=kw["dropout"], use_rslora=kw["rslora"])
-    theirs = get_peft_model(copy.deepcopy(base), config)
-    g = torch.Generator().manual_seed(seed + 1)
-    with torch.no_grad():
-        for path, layer in adapter_layers(ours).items():
-            layer.lora_B.copy_(torch.randn(layer.lora_B.shape, generator=g) * 0.1)
-            peft_layer(theirs, path).lora_B["default"].weight.copy_(layer.lora_B)
-    return ours, theirs
-
-
-def forward_backward(model, ids, seed=123):
-    torch.manual_seed(seed)  # the same dropout masks in both models
-    logits = model(input_ids=ids).logits
-    (logits.float() ** 2).mean().backward()
-    return logits.detach()
-
-
-def assert_matches_peft(ours, theirs, ids, atol=1e-6):
-    ours.train(), theirs.train()
-    a, b = forward_backward(ours, ids), forward_backward(theirs, ids)
-    torch.testing.assert_close(a, b, rtol=0, atol=atol)
-    layers = adapter_layers(ours)
-    assert layers
-    for path, layer in layers.items():
-        ref = peft_layer(theirs, path)
-        for ours_p, theirs_p in ((layer.lora_A, ref.lora_A["default"].weight), (layer.lora_B, ref.lora_B["default"].weight)):
-            assert ours_p.grad is not None and ours_p.grad.abs().sum() > 0
-            torch.testing.assert_close(ours_p.grad, theirs_p.grad, rtol=0, atol=atol)
+from twins import TARGETS, assert_matches_peft, peft_layer, twin_models
 
 
 @pytest.mark.parametrize("rslora", [False, True])

@@ -66,6 +66,12 @@ class LoRALinear(nn.Module):
         """The update folded into W0 by `merge()`: (alpha / r) * B @ A, in float32."""
         return (self.lora_B @ self.lora_A) * self.scaling  # (out, r) @ (r, in) -> (out, in)
 
+    def effective_weight(self) -> torch.Tensor:
+        """The weight this layer applies: W0 + (alpha / r) B A, (out, in), in float32."""
+        if self.merged:
+            return base_weight(self.base_layer).float()
+        return base_weight(self.base_layer).float() + self.delta_weight()
+
     def lora_branch(self, x: torch.Tensor) -> torch.Tensor:
         """(alpha / r) * B A dropout(x), for x already in the adapter's dtype."""
         return F.linear(F.linear(self.lora_dropout(x), self.lora_A), self.lora_B) * self.scaling  # (..., out)

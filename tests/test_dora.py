@@ -1,0 +1,198 @@
+"""DoRA against peft 0.21 (use_dora=True), and the magnitude/direction analysis on matrices with known answers."""
+import copy
+import json
+import math
+
+import pytest
+import torch
+from peft import PeftModel
+
+from nanopeft import (DoRALinear, LoRALinear, add_adapters, adapter_layers, load_adapter, merge_adapters,
+                      save_adapter, unmerge_adapters)
+from nanopeft.analysis import WeightRecorder, magnitude_direction_change
+from nanopeft.models import tiny_llama, tiny_qwen2
+from twins import assert_matches_peft, peft_params, twin_models
+
+
+@pytest.mark.parametrize("make", [tiny_llama, tiny_qwen2], ids=["llama", "qwen2-biases"])
+@pytest.mark.parametrize("rslora", [False, True])
+@pytest.mark.parametrize("dropout", [0.0, 0.1])
+def test_outputs_and_gradients_of_A_B_m_match_peft(make, rslora, dropout):
+    ours, theirs = twin_models(make(), method="dora", targets="all-linear", rslora=rslora, dropout=dropout)
+    assert_matches_peft(ours, theirs, torch.randint(0, 256, (3, 20), generator=torch.Generator().manual_seed(0)))
+
+
+@pytest.mark.slow
+@pytest.mark.parametrize("rslora", [False, True])
+def test_outputs_and_gradients_match_peft_on_the_bundled_model(smollm, rslora):
+    ours, theirs = twin_models(smollm[0], method="dora", r=16, alpha=32, dropout=0.05, rslora=rslora,
+                               targets=("q_proj", "k_proj", "v_proj", "o_proj"))
+    assert_matches_peft(ours, theirs, torch.randint(0, 49152, (2, 24), generator=torch.Generator().manual_seed(0)))
+
+
+def test_magnitude_starts_at_the_row_norms_of_W0_like_peft():
+    base = tiny_qwen2()
+    ours, theirs = twin_models(base, method="dora")
+    fresh = add_adapters(copy.deepcopy(base), method="dora", targets=("q_proj", "v_proj"))
+    for path, layer in adapter_layers(fresh).items():
+        w0 = layer.base_layer.weight
+        assert layer.magnitude.shape == (w0.shape[0],)  # one per output neuron (row), not per input column
+        torch.testing.assert_close(layer.magnitude, w0.norm(dim=1), rtol=0, atol=1e-7)
+    torch.manual_seed(0)
+    fresh = add_adapters(copy.deepcopy(base), method="dora", targets=("q_proj", "v_proj"))
+    from peft import LoraConfig, get_peft_model
+    torch.manual_seed(0)
+    ref = get_peft_model(copy.deepcopy(base), LoraConfig(r=8, lora_alpha=16, target_modules=["q_proj", "v_proj"],
+                                                         use_dora=True))
+    for path, layer in adapter_layers(fresh).items():
+        refs = peft_params(ref, path)
+        assert torch.equal(layer.magnitude, refs["magnitude"]) and torch.equal(layer.lora_A, refs["lora_A"])
+
+
+def test_at_init_dora_gives_exactly_the_base_output():
+    base = tiny_qwen2()
+    ids = torch.randint(0, 256, (2, 16))
+    adapted = add_adapters(copy.deepcopy(base), method="dora", targets="all-linear")
+    assert torch.equal(adapted(input_ids=ids).logits, base(input_ids=ids).logits)
+
+
+@pytest.mark.parametrize("make", [tiny_llama, tiny_qwen2], ids=["llama", "qwen2-biases"])
+def test_merged_weights_match_peft_and_unmerge_restores(make):
+    ours, theirs = twin_models(make(), method="dora", targets="all-linear")
+    originals = {p: l.base_layer.weight.clone() for p, l in adapter_layers(ours).items()}
+    ids = torch.randint(0, 256, (2, 16))
+    before = ours(input_ids=ids).logits
+    merge_adapters(ours)
+    torch.testing.assert_close(ours(input_ids=ids).logits, before, rtol=0, atol=1e-5)
+    merged_peft = theirs.merge_and_unload()
+    for path, layer in adapter_layers(ours).items():
+        torch.testing.assert_close(layer.base_layer.weight, merged_peft.get_submodule(path).weight, rtol=0, atol=1e-5)
+        torch.testing.assert_close(layer.effective_weight(), layer.base_layer.weight, rtol=0, atol=1e-6)
+    unmerge_adapters(ours)
+    for path, layer in adapter_layers(ours).items():
+        torch.testing.assert_close(layer.base_layer.weight, originals[path], rtol=0, atol=1e-5)
+
+
+def test_effective_weight_is_m_times_the_unit_direction():
+    layer = adapter_layers(twin_models(tiny_llama(), method="dora")[0])["model.layers.0.self_attn.q_proj"]
+    W = layer.effective_weight()  # (out, in)
+    torch.testing.assert_close(W.norm(dim=1), layer.magnitude.detach(), rtol=1e-6, atol=0)  # row norms are m
+    x = torch.randn(5, 64)
+    layer.eval()
+    torch.testing.assert_close(layer(x), x @ W.T, rtol=0, atol=1e-5)  # the forward applies exactly W'
+
+
+def test_detached_norm_changes_gradients_not_outputs():
+    base = tiny_llama()
+    torch.manual_seed(0)
+    detached = add_adapters(copy.deepcopy(base), method="dora", targets=("q_proj", "v_proj"))
+    torch.manual_seed(0)
+    through = add_adapters(copy.deepcopy(base), method="dora", targets=("q_proj", "v_proj"), detach_norm=False)
+    with torch.no_grad():
+        for (_, a), (_, b) in zip(adapter_layers(detached).items(), adapter_layers(through).items()):
+            a.lora_B.normal_(0, 0.1)
+            b.lora_B.copy_(a.lora_B)
+    ids = torch.randint(0, 256, (2, 16))
+    out_a, out_b = detached(input_ids=ids).logits, through(input_ids=ids).logits
+    assert torch.equal(out_a, out_b)  # the forward pass is the same computation
+    out_a.pow(2).mean().backward()
+    out_b.pow(2).mean().backward()
+    layer_a = adapter_layers(detached)["model.layers.0.self_attn.q_proj"]
+    layer_b = adapter_layers(through)["model.layers.0.self_attn.q_proj"]
+    assert not torch.allclose(layer_a.lora_A.grad, layer_b.lora_A.grad, rtol=1e-3, atol=0)
+    assert not torch.allclose(layer_a.lora_B.grad, layer_b.lora_B.grad, rtol=1e-3, atol=0)
+    # the norm does not depend on m, so m's gradient is the same either way
+    torch.testing.assert_close(layer_a.magnitude.grad, layer_b.magnitude.grad)
+
+
+# --- files ----------------------------------------------------------------------------------------------------------
+
+@pytest.mark.parametrize("make", [tiny_llama, tiny_qwen2], ids=["llama", "qwen2-biases"])
+def test_dora_adapter_round_trips_both_ways(tmp_path, make):
+    base = make()
+    ours, theirs = twin_models(base, method="dora", targets=("q_proj", "k_proj", "v_proj", "o_proj"))
+    ids = torch.randint(0, 256, (2, 16))
+    save_adapter(ours, tmp_path / "ours")
+    config = json.loads((tmp_path / "ours" / "adapter_config.json").read_text())
+    assert config["use_dora"] is True
+    in_peft = PeftModel.from_pretrained(copy.deepcopy(base), tmp_path / "ours")
+    torch.testing.assert_close(in_peft(input_ids=ids).logits, ours(input_ids=ids).logits, rtol=0, atol=0)
+    theirs.save_pretrained(tmp_path / "peft")
+    back = load_adapter(copy.deepcopy(base), tmp_path / "peft")
+    assert all(isinstance(layer, DoRALinear) for layer in adapter_layers(back).values())
+    torch.testing.assert_close(back(input_ids=ids).logits, theirs(input_ids=ids).logits, rtol=0, atol=0)
+
+
+def test_dora_adapter_into_lora_model_and_the_reverse_are_errors(tmp_path):
+    base = tiny_llama()
+    save_adapter(twin_models(base, method="dora")[0], tmp_path / "dora")
+    save_adapter(twin_models(base, method="lora")[0], tmp_path / "lora")
+    lora_model = add_adapters(copy.deepcopy(base), method="lora")
+    with pytest.raises(ValueError, match="is a dora adapter but the model's .* is a lora layer"):
+        load_adapter(lora_model, tmp_path / "dora")
+    dora_model = add_adapters(copy.deepcopy(base), method="dora")
+    with pytest.raises(ValueError, match="is a lora adapter but the model's .* is a dora layer"):
+        load_adapter(dora_model, tmp_path / "lora")
+    assert all(type(l) is LoRALinear for l in adapter_layers(lora_model).values())
+
+
+def test_magnitudes_with_use_dora_false_are_an_error(tmp_path):
+    save_adapter(twin_models(tiny_llama(), method="dora")[0], tmp_path)
+    config = json.loads((tmp_path / "adapter_config.json").read_text())
+    config["use_dora"] = False
+    (tmp_path / "adapter_config.json").write_text(json.dumps(config))
+    model = tiny_llama()
+    with pytest.raises(ValueError, match="holds DoRA magnitudes"):
+        load_adapter(model, tmp_path)
+    assert not adapter_layers(model)
+
+
+@pytest.mark.parametrize("kwargs, error", [(dict(r=0), "r must be"), (dict(alpha=0), "alpha must be"),
+                                           (dict(targets=("nope",)), "match no module")])
+def test_bad_dora_arguments_leave_the_model_unchanged(kwargs, error):
+    model = tiny_llama()
+    names = [n for n, _ in model.named_modules()]
+    with pytest.raises(ValueError, match=error):
+        add_adapters(model, method="dora", **{"targets": ("q_proj",), **kwargs})
+    assert [n for n, _ in model.named_modules()] == names and all(p.requires_grad for p in model.parameters())
+
+
+# --- magnitude and direction --------------------------------------------------------------------------------------
+
+def test_pure_scaling_changes_magnitude_only():
+    W0 = torch.tensor([[1.0, 0.0, 0.0], [0.0, 2.0, 0.0]])  # row norms 1 and 2
+    W = torch.diag(torch.tensor([2.0, 3.0])) @ W0  # rows scaled by 2 and 3: norms 2 and 6
+    dM, dD = magnitude_direction_change(W0, W)
+    assert dM == pytest.approx((1 + 4) / 2) and dD == pytest.approx(0.0, abs=1e-7)
+
+
+def test_pure_rotation_changes_direction_only():
+    theta = 0.3
+    R = torch.tensor([[math.cos(theta), -math.sin(theta)], [math.sin(theta), math.cos(theta)]])
+    W0 = torch.tensor([[1.0, 0.0], [0.0, 2.0], [3.0, 4.0]])
+    W = W0 @ R.T  # every row rotated by theta
+    dM, dD = magnitude_direction_change(W0, W)
+    assert dM == pytest.approx(0.0, abs=1e-6) and dD == pytest.approx(1 - math.cos(theta), rel=1e-5)
+
+
+def test_magnitude_direction_change_rejects_mismatched_shapes():
+    with pytest.raises(ValueError, match="same shape"):
+        magnitude_direction_change(torch.zeros(3, 4), torch.zeros(4, 3))
+
+
+def test_weight_recorder_snapshots_the_chosen_steps():
+    model = add_adapters(tiny_llama(), method="dora", targets=("q_proj",))
+    recorder = WeightRecorder(model, steps=[2, 3])
+    opt = torch.optim.AdamW([p for p in model.parameters() if p.requires_grad], lr=0.05)
+    ids = torch.randint(0, 256, (2, 16))
+    for step in range(1, 4):
+        model(input_ids=ids).logits.pow(2).mean().backward()
+        opt.step()
+        opt.zero_grad()
+        recorder({"step": step})
+    assert sorted(recorder.snapshots) == [0, 2, 3]
+    changes = recorder.changes()
+    assert set(changes) == {(name, s) for name in adapter_layers(model) for s in (2, 3)}
+    assert all(dM > 1e-4 and dD > 1e-6 for dM, dD in changes.values())
+    with pytest.raises(ValueError, match="no module named"):
+        WeightRecorder(model, layers=["model.layers.9.q_proj"])
