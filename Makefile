@@ -40,6 +40,7 @@ lab: $(STAMP)
 
 bench: $(STAMP)
 	$(PY) benchmarks/lora_step.py
+	$(PY) benchmarks/dora_step.py
 
 clean:
 	rm -rf $(VENV) .pytest_cache

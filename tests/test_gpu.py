@@ -29,16 +29,17 @@ def test_meter_reports_cuda_peaks_and_activations():
     assert report["activations and temporaries"] > 0
 
 
+@pytest.mark.parametrize("method", ["lora", "dora"])
 @pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16, torch.float16])
-def test_lora_matches_peft_on_cuda(dtype):
+def test_lora_and_dora_match_peft_on_cuda(dtype, method):
     from peft import LoraConfig, get_peft_model
 
     base = tiny_llama().to("cuda", dtype)
     torch.manual_seed(0)
-    ours = add_adapters(copy.deepcopy(base), r=8, alpha=16, targets="all-linear", dropout=0.1)
+    ours = add_adapters(copy.deepcopy(base), method=method, r=8, alpha=16, targets="all-linear", dropout=0.1)
     torch.manual_seed(0)
     theirs = get_peft_model(copy.deepcopy(base), LoraConfig(r=8, lora_alpha=16, target_modules="all-linear",
-                                                            lora_dropout=0.1))
+                                                            lora_dropout=0.1, use_dora=method == "dora"))
     with torch.no_grad():
         for path, layer in adapter_layers(ours).items():
             ref = theirs.get_submodule("base_model.model." + path)
@@ -59,6 +60,9 @@ def test_lora_matches_peft_on_cuda(dtype):
         ref = theirs.get_submodule("base_model.model." + path)
         torch.testing.assert_close(layer.lora_A.grad, ref.lora_A["default"].weight.grad, rtol=0, atol=0)
         torch.testing.assert_close(layer.lora_B.grad, ref.lora_B["default"].weight.grad, rtol=0, atol=0)
+        if method == "dora":
+            torch.testing.assert_close(layer.magnitude.grad, ref.lora_magnitude_vector["default"].weight.grad,
+                                       rtol=0, atol=0)
     merge_adapters(ours)
     merged = theirs.merge_and_unload()
     for path, layer in adapter_layers(ours).items():

@@ -42,8 +42,9 @@ class DoRALinear(LoRALinear):
         super().__init__(base, r, alpha, dropout=dropout, rslora=rslora, init=init)
         self.detach_norm = detach_norm
         with torch.no_grad():
-            # m = ||W0 + s B A|| = ||W0|| row by row, since B = 0: then W' = W0 at the start
-            self.magnitude = nn.Parameter(self.weight_norm())  # (out,)
+            # m = ||W0 + s B A|| = ||W0|| row by row, since B = 0: then W' = W0 at the start. Taken in the base's
+            # dtype and then up-cast, as peft does (it moves a new adapter to the base's dtype before this step).
+            self.magnitude = nn.Parameter(torch.linalg.norm(base_weight(base), dim=1).to(self.lora_A.dtype))  # (out,)
         self._merged_norm = None
 
     def lora_weight(self) -> torch.Tensor:
@@ -63,11 +64,11 @@ class DoRALinear(LoRALinear):
         if self.merged:
             return result
         x = x.to(self.lora_A.dtype)
-        lora_weight = self.lora_weight()  # (out, in)
-        if self.detach_norm:  # section 4.3: the norm is a constant for autograd
-            norm = self.weight_norm(lora_weight.detach()).detach()
+        if self.detach_norm:  # section 4.3: the norm is a constant for autograd, so build it without a graph
+            with torch.no_grad():
+                norm = self.weight_norm()  # (out,)
         else:
-            norm = self.weight_norm(lora_weight)
+            norm = self.weight_norm()
         scale = (self.magnitude / norm).view(1, -1)  # m / ||W0 + s B A||           (1, out)
 
         if isinstance(self.lora_dropout, nn.Dropout) and self.training:
