@@ -197,3 +197,41 @@ def test_weight_recorder_snapshots_the_chosen_steps():
     assert all(dM > 1e-4 and dD > 1e-6 for dM, dD in changes.values())
     with pytest.raises(ValueError, match="no module named"):
         WeightRecorder(model, layers=["model.layers.9.q_proj"])
+
+
+def test_train_only_trains_exactly_the_target_weights():
+    from nanopeft.adapters import train_only
+
+    model = train_only(tiny_qwen2(), ("q_proj", "v_proj"))
+    trainable = {n for n, p in model.named_parameters() if p.requires_grad}
+    assert trainable == {f"model.layers.{i}.self_attn.{k}_proj.weight" for i in range(2) for k in "qv"}
+    with pytest.raises(ValueError, match="match no module"):
+        train_only(tiny_qwen2(), ("qq_proj",))
+
+
+def test_slope_sign_and_value():
+    from nanopeft.analysis import slope
+
+    assert slope([0.0, 1.0, 2.0], [1.0, 3.0, 5.0]) == pytest.approx(2.0)
+    assert slope([0.0, 1.0, 2.0, 3.0], [3.0, 2.0, 1.5, 0.0]) < 0
+
+
+@pytest.mark.slow
+def test_dora_study_records_every_target_layer_for_each_method():
+    from nanopeft.analysis import dora_study
+
+    result = dora_study(steps=2, checkpoints=[1, 2], evaluate_accuracy=False, neuron_layers=(0,), progress=False)
+    assert [r["method"] for r in result["runs"]] == ["full", "lora", "dora"]
+    for run in result["runs"]:
+        assert len(run["changes"]) == 60 and all(set(v) == {1, 2} for v in run["changes"].values())
+        assert set(run["neurons"]) == {"model.layers.0.self_attn.q_proj", "model.layers.0.self_attn.v_proj"}
+        dm, dd = run["neurons"]["model.layers.0.self_attn.q_proj"][2]
+        assert len(dm) == len(dd) == 576 and max(dm) > 0
+        assert len(run["loss"]) == 2
+
+
+def test_demo_verification_table_passes():
+    from nanopeft.__main__ import check_against_peft
+
+    rows = check_against_peft()
+    assert [r[0] for r in rows] == ["lora", "dora"] and all(r[3] for r in rows)

@@ -3,47 +3,24 @@ ticket task, fine-tunes it with LoRA, and prints the scores before and after wit
 from __future__ import annotations
 
 import argparse
-import copy
 import os
 import time
 
 import torch
 
 
-def check_lora_against_peft() -> dict:
-    """Same weights in, same logits and LoRA gradients out, on a tiny Llama: the max differences."""
-    from peft import LoraConfig, get_peft_model
-
-    from . import add_adapters, adapter_layers
+def check_against_peft() -> list:
+    """Each method against peft on a tiny Llama (all linear layers, dropout 0.1, non-zero B): max differences."""
     from .models import tiny_llama
+    from .reference import compare_with_peft, peft_twin
 
-    base = tiny_llama()
-    torch.manual_seed(0)
-    ours = add_adapters(copy.deepcopy(base), r=8, alpha=16, targets="all-linear", dropout=0.1)
-    torch.manual_seed(0)
-    theirs = get_peft_model(copy.deepcopy(base), LoraConfig(r=8, lora_alpha=16, target_modules="all-linear",
-                                                            lora_dropout=0.1))
-    with torch.no_grad():  # a non-zero B, the same in both, so the update is really exercised
-        for path, layer in adapter_layers(ours).items():
-            layer.lora_B.normal_(0, 0.1)
-            theirs.get_submodule(f"base_model.model.{path}").lora_B["default"].weight.copy_(layer.lora_B)
     ids = torch.randint(0, 256, (2, 16), generator=torch.Generator().manual_seed(0))
-    logits = []
-    for model in (ours, theirs):
-        model.train()
-        torch.manual_seed(1)  # the same dropout masks
-        out = model(input_ids=ids).logits
-        (out ** 2).mean().backward()
-        logits.append(out.detach())
-    grad_diff = max(
-        (layer.lora_A.grad - theirs.get_submodule(f"base_model.model.{p}").lora_A["default"].weight.grad).abs().max().item()
-        for p, layer in adapter_layers(ours).items()
-    )
-    grad_diff = max(grad_diff, max(
-        (layer.lora_B.grad - theirs.get_submodule(f"base_model.model.{p}").lora_B["default"].weight.grad).abs().max().item()
-        for p, layer in adapter_layers(ours).items()
-    ))
-    return {"logits": (logits[0] - logits[1]).abs().max().item(), "gradients": grad_diff}
+    rows = []
+    for method in ("lora", "dora"):
+        diffs = compare_with_peft(*peft_twin(tiny_llama(), method=method, targets="all-linear", dropout=0.1), ids)
+        grads = max(v for k, v in diffs.items() if k != "logits")
+        rows.append((method, diffs["logits"], grads, diffs["logits"] <= 1e-6 and grads <= 1e-6))
+    return rows
 
 
 def demo(args) -> None:
@@ -56,10 +33,9 @@ def demo(args) -> None:
     print("== nanoPEFT demo ==")
     device = pick_device()
     pick_compute_dtype(device)  # printed for reference; the demo trains in float32 on the CPU
-    diffs = check_lora_against_peft()
-    ok = diffs["logits"] <= 1e-6 and diffs["gradients"] <= 1e-6
-    print(f"\nLoRA vs peft (tiny Llama, all-linear, dropout 0.1): max |logits diff| {diffs['logits']:.1e}, "
-          f"max |grad diff| {diffs['gradients']:.1e} -> matches peft: {ok}")
+    print("\nagainst peft (tiny Llama, all linear layers, dropout 0.1; logits and every adapter gradient):")
+    for method, logits, grads, ok in check_against_peft():
+        print(f"  {method:>5}: max |logits diff| {logits:.1e}, max |grad diff| {grads:.1e} -> matches peft: {ok}")
 
     start = time.perf_counter()
     model, tok = load_base_model(device=device)
@@ -98,9 +74,26 @@ def main(argv=None) -> None:
     d.add_argument("--lr", type=float, default=2e-3)
     d.add_argument("--eval", type=int, default=60, help="held-out tickets to score")
     d.add_argument("--seed", type=int, default=0)
+    st = sub.add_parser("dora-study", help="full fine-tuning vs LoRA vs DoRA: how weights move, accuracy over seeds")
+    st.add_argument("--steps", type=int, default=40)
+    st.add_argument("--seeds", type=int, default=3)
+    st.add_argument("--out", default="results/dora_study.json")
     args = parser.parse_args(argv)
     if args.command == "demo":
         demo(args)
+    elif args.command == "dora-study":
+        import json
+        from pathlib import Path
+
+        from .analysis import dora_study
+
+        result = dora_study(seeds=range(args.seeds), steps=args.steps, progress=True)
+        Path(args.out).parent.mkdir(parents=True, exist_ok=True)
+        Path(args.out).write_text(json.dumps(result))
+        for run in result["runs"]:
+            print(f"{run['method']:>5} seed {run['seed']}: accuracy {run['accuracy']:.1%}, "
+                  f"{run['mean_step_time']:.2f} s/step")
+        print(f"wrote {args.out}")
 
 
 if __name__ == "__main__":

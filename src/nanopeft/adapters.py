@@ -98,6 +98,18 @@ def add_adapters(model: nn.Module, method: str = "lora", r: int = 8, alpha: floa
     return model
 
 
+def train_only(model: nn.Module, targets) -> nn.Module:
+    """Full fine-tuning of the target Linear weights only (the baseline adapters are compared with): every
+    parameter is frozen except the weights of the layers `targets` names (same rules as `add_adapters`)."""
+    names = find_targets(model, targets)
+    for p in model.parameters():
+        p.requires_grad_(False)
+    modules = dict(model.named_modules())
+    for name in names:
+        modules[name].weight.requires_grad_(True)
+    return model
+
+
 def _layers_or_raise(model) -> dict:
     layers = adapter_layers(model)
     if not layers:
