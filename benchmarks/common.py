@@ -73,22 +73,14 @@ def peft_model(base, method, r):
 
 def step(model, batch, device):
     """One forward + backward: (seconds, bytes saved for backward, CUDA peak bytes or None)."""
+    from nanopeft.memory import SavedTensors
     from nanopeft.train import answer_loss
-
-    params = {p.untyped_storage().data_ptr() for p in model.parameters()}
-    saved = {}
-
-    def pack(t):
-        ptr = t.untyped_storage().data_ptr()
-        if ptr not in params:
-            saved[ptr] = t.untyped_storage().nbytes()
-        return t
 
     if device.type == "cuda":
         torch.cuda.synchronize(device)
         torch.cuda.reset_peak_memory_stats(device)
     start = time.perf_counter()
-    with torch.autograd.graph.saved_tensors_hooks(pack, lambda t: t):
+    with SavedTensors(model) as saved:
         logits = model(input_ids=batch["input_ids"], attention_mask=batch["attention_mask"],
                        logits_to_keep=batch["keep"]).logits
         loss = answer_loss(logits, batch["labels"])
@@ -98,7 +90,7 @@ def step(model, batch, device):
     elapsed = time.perf_counter() - start
     peak = torch.cuda.max_memory_allocated(device) if device.type == "cuda" else None
     model.zero_grad(set_to_none=True)
-    return elapsed, sum(saved.values()), peak
+    return elapsed, saved.nbytes, peak
 
 
 def compare(models: dict, batch, device, repeats: int) -> dict:

@@ -157,3 +157,13 @@ def test_live_display_prints_text_outside_a_notebook(capsys):
     display({"step": 1, "loss": 1.5, "step_time": 0.1, "last": True,
              "memory": {"peak": 2**20, "kind": "cpu rss", **dict.fromkeys(memory.CATEGORIES, 1024)}})
     assert "step    1  loss 1.5000" in capsys.readouterr().out
+
+
+def test_saved_tensors_counts_activations_not_parameters():
+    from nanopeft.memory import SavedTensors
+
+    layer = torch.nn.Linear(64, 32)
+    x = torch.randn(8, 64, requires_grad=True)
+    with SavedTensors(layer) as saved:
+        torch.relu(layer(x)).sum()  # linear saves x (and its weight: excluded), relu saves its output
+    assert saved.nbytes == 8 * 64 * 4 + 8 * 32 * 4

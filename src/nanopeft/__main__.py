@@ -25,6 +25,7 @@ def check_against_peft() -> list:
 
 def demo(args) -> None:
     from . import add_adapters, trainable_parameters
+    from .analysis import WeightRecorder
     from .data import load_task, evaluate, predict
     from .memory import LiveDisplay, fmt_bytes, pick_compute_dtype, pick_device
     from .models import load_base_model
@@ -49,8 +50,15 @@ def demo(args) -> None:
     add_adapters(model, method="lora", r=args.r, alpha=2 * args.r, targets="all-linear")
     print(trainable_parameters(model))
     optimizer = torch.optim.AdamW([p for p in model.parameters() if p.requires_grad], lr=args.lr)
+    display = LiveDisplay("LoRA", every=max(1, args.steps // 5), widgets=False)
+    recorder = WeightRecorder(model, steps=[args.steps])  # effective weights before and after, for dM and dD
+
+    def callback(record):
+        display(record)
+        recorder(record)
+
     history = train(model, tok, task.train, args.steps, optimizer, batch_size=args.batch_size, seed=args.seed,
-                    callback=LiveDisplay("LoRA", every=max(1, args.steps // 5), widgets=False), progress=False)
+                    callback=callback, progress=False)
     after = evaluate(model, tok, test)
     s = summarize(history)
     print(f"\naccuracy: {before:.1%} before -> {after:.1%} after {args.steps} LoRA steps")
@@ -59,6 +67,10 @@ def demo(args) -> None:
     mem = history[-1]["memory"]
     print("tensors: " + ", ".join(f"{k} {fmt_bytes(mem[k])}" for k in
                                   ("frozen weights", "trainable weights", "gradients", "optimizer state")))
+    changes = list(recorder.changes().values())
+    print(f"how the adapted weights moved (DoRA paper's measures, mean over {len(changes)} layers): "
+          f"dM {sum(c[0] for c in changes) / len(changes):.2e} (row lengths), "
+          f"dD {sum(c[1] for c in changes) / len(changes):.2e} (1 - cos of rows)")
     for ex, answer in list(zip(test, predict(model, tok, [e.text for e in test[:3]])))[:3]:
         print(f"\n  ticket: {ex.text.splitlines()[1] if len(ex.text.splitlines()) > 1 else ex.text}\n"
               f"  answer: {answer} (expected {ex.label})")

@@ -88,6 +88,42 @@ def tensor_breakdown(model, optimizer=None) -> dict:
     return out
 
 
+class SavedTensors:
+    """Count the bytes autograd saves for the backward pass inside a block: the activations, measured exactly.
+
+        with SavedTensors(model) as saved:
+            loss = model(ids).logits.sum()
+        saved.nbytes        # each saved storage counted once; `model`'s own parameters excluded
+
+    Works on every device (it hooks autograd, not the allocator). It counts what is saved when the forward runs,
+    including tensors of graph branches that are freed before the backward, so it is an upper bound on what the
+    backward pass finally keeps.
+    """
+
+    def __init__(self, model=None):
+        self.exclude = {p.untyped_storage().data_ptr() for p in model.parameters()} if model is not None else set()
+        self.storages = {}
+        self._hooks = torch.autograd.graph.saved_tensors_hooks(self._pack, lambda t: t)
+
+    def _pack(self, t):
+        ptr = t.untyped_storage().data_ptr()
+        if ptr not in self.exclude:
+            self.storages[ptr] = t.untyped_storage().nbytes()
+        return t
+
+    def __enter__(self):
+        self._hooks.__enter__()
+        return self
+
+    def __exit__(self, *exc):
+        self._hooks.__exit__(*exc)
+        return False
+
+    @property
+    def nbytes(self) -> int:
+        return sum(self.storages.values())
+
+
 def process_rss() -> int:
     """Resident memory of this process, in bytes."""
     try:
