@@ -235,3 +235,21 @@ def test_demo_verification_table_passes():
 
     rows = check_against_peft()
     assert [r[0] for r in rows] == ["lora", "dora"] and all(r[3] for r in rows)
+
+
+@pytest.mark.slow
+def test_round_trips_and_merge_on_the_bundled_model(smollm, tmp_path):
+    model, tok = smollm
+    ours, theirs = twin_models(model, method="dora", targets=("q_proj", "v_proj"))
+    ids = tok(["My parcel is late and I want a refund for the delivery charge"], return_tensors="pt")["input_ids"]
+    with torch.no_grad():
+        expected = ours(input_ids=ids).logits
+        save_adapter(ours, tmp_path / "ours")
+        assert torch.equal(PeftModel.from_pretrained(copy.deepcopy(model), tmp_path / "ours")(input_ids=ids).logits,
+                           expected)
+        theirs.save_pretrained(tmp_path / "peft")
+        assert torch.equal(load_adapter(copy.deepcopy(model), tmp_path / "peft")(input_ids=ids).logits, expected)
+        merge_adapters(ours)
+        merged = theirs.merge_and_unload()
+        for path, layer in adapter_layers(ours).items():
+            torch.testing.assert_close(layer.base_layer.weight, merged.get_submodule(path).weight, rtol=0, atol=1e-5)
