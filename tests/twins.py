@@ -1,4 +1,5 @@
 """Shared by the reference tests: nanopeft.reference builds the twins; here, the assertion."""
+from nanopeft import adapter_layers
 from nanopeft.reference import compare_with_peft, peft_params, peft_twin
 
 TARGETS = ("q_proj", "v_proj")
@@ -16,13 +17,6 @@ def twin_models(base, seed=0, method="lora", **kw):
 def assert_matches_peft(ours, theirs, ids, atol=1e-6):
     """Equal logits and equal gradients of every adapter parameter (A, B and, for DoRA, m), within atol."""
     diffs = compare_with_peft(ours, theirs, ids)
-    expected = {"logits", "lora_A", "lora_B"} | ({"magnitude"} if any("magnitude" in peft_params(theirs, p)
-                                                                     for p in _paths(ours)) else set())
-    assert set(diffs) == expected, diffs
+    names = {"logits"} | {name for path in adapter_layers(ours) for name in peft_params(theirs, path)}
+    assert set(diffs) == names, diffs
     assert all(d <= atol for d in diffs.values()), diffs
-
-
-def _paths(model):
-    from nanopeft import adapter_layers
-
-    return list(adapter_layers(model))
