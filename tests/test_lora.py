@@ -7,7 +7,7 @@ import torch
 from peft import PeftModel
 from torch import nn
 
-from nanopeft import (LoRALinear, add_adapters, adapter_layers, load_adapter, merge_adapters, remove_adapters,
+from nanopeft import (add_adapters, adapter_layers, load_adapter, merge_adapters, remove_adapters,
                       save_adapter, trainable_parameters, unmerge_adapters)
 from nanopeft.models import tiny_llama, tiny_qwen2
 
