@@ -41,6 +41,7 @@ lab: $(STAMP)
 bench: $(STAMP)
 	$(PY) benchmarks/lora_step.py
 	$(PY) benchmarks/dora_step.py
+	$(PY) benchmarks/nf4.py
 
 clean:
 	rm -rf $(VENV) .pytest_cache

@@ -73,24 +73,19 @@ def peft_model(base, method, r):
 
 def step(model, batch, device):
     """One forward + backward: (seconds, bytes saved for backward, CUDA peak bytes or None)."""
-    from nanopeft.memory import SavedTensors
-    from nanopeft.train import answer_loss
+    from nanopeft.train import forward_backward
 
     if device.type == "cuda":
         torch.cuda.synchronize(device)
         torch.cuda.reset_peak_memory_stats(device)
     start = time.perf_counter()
-    with SavedTensors(model) as saved:
-        logits = model(input_ids=batch["input_ids"], attention_mask=batch["attention_mask"],
-                       logits_to_keep=batch["keep"]).logits
-        loss = answer_loss(logits, batch["labels"])
-    loss.backward()
+    _, saved = forward_backward(model, batch)
     if device.type == "cuda":
         torch.cuda.synchronize(device)
     elapsed = time.perf_counter() - start
     peak = torch.cuda.max_memory_allocated(device) if device.type == "cuda" else None
     model.zero_grad(set_to_none=True)
-    return elapsed, saved.nbytes, peak
+    return elapsed, saved, peak
 
 
 def compare(models: dict, batch, device, repeats: int) -> dict:

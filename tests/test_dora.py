@@ -231,10 +231,11 @@ def test_dora_study_records_every_target_layer_for_each_method():
 
 
 def test_demo_verification_table_passes():
-    from nanopeft.__main__ import check_against_peft
+    from nanopeft.reference import verification_table
 
-    rows = check_against_peft()
-    assert [r[0] for r in rows] == ["lora", "dora"] and all(r[3] for r in rows)
+    rows = verification_table()
+    assert [r[0] for r in rows] == ["lora", "dora", "nf4", "nf4", "qlora", "qdora", "lora+"]
+    assert all(r[-1] for r in rows), rows
 
 
 @pytest.mark.slow

@@ -15,8 +15,10 @@ from dataclasses import dataclass
 from torch import nn
 
 from .lora import LoRALinear, check_hyperparameters
+from .nf4 import LinearNF4
 
 METHODS = {"lora": LoRALinear}  # dora.py adds "dora"
+LINEAR_TYPES = (nn.Linear, LinearNF4)  # what adapters wrap: full-precision Linear, or a 4-bit one (QLoRA)
 
 
 def adapter_layers(model: nn.Module) -> dict:
@@ -28,8 +30,9 @@ def find_targets(model: nn.Module, targets) -> list:
     """The module paths that `targets` names, checked: every name must match, and every match must be a Linear.
 
     A name matches a module whose path is the name or ends in "." + name (peft's rule), so "q_proj" matches
-    "model.layers.0.self_attn.q_proj". "all-linear" means every nn.Linear except the output head. Unlike peft, a
-    name that matches nothing is an error even when other names match: a typo must not silently train less.
+    "model.layers.0.self_attn.q_proj". "all-linear" means every nn.Linear or LinearNF4 except the output head.
+    Unlike peft, a name that matches nothing is an error even when other names match: a typo must not silently
+    train less.
     """
     if isinstance(targets, str):
         targets = (targets,)
@@ -41,7 +44,7 @@ def find_targets(model: nn.Module, targets) -> list:
         if len(targets) > 1:
             raise ValueError("'all-linear' stands alone; do not combine it with other target names.")
         head = model.get_output_embeddings() if hasattr(model, "get_output_embeddings") else None
-        found = [n for n, m in modules.items() if isinstance(m, nn.Linear) and m is not head]
+        found = [n for n, m in modules.items() if isinstance(m, LINEAR_TYPES) and m is not head]
         if not found:
             raise ValueError(f"'all-linear' found no nn.Linear layers in {type(model).__name__}.")
         return found
@@ -51,7 +54,7 @@ def find_targets(model: nn.Module, targets) -> list:
 
     unmatched = [t for t in targets if not any(matches(n, t) for n in modules)]
     if unmatched:
-        leaves = sorted({n.rsplit(".", 1)[-1] for n, m in modules.items() if isinstance(m, nn.Linear)})
+        leaves = sorted({n.rsplit(".", 1)[-1] for n, m in modules.items() if isinstance(m, LINEAR_TYPES)})
         raise ValueError(
             f"Target name(s) {unmatched} match no module in {type(model).__name__}. Linear layers it has: {leaves}."
         )
@@ -60,7 +63,7 @@ def find_targets(model: nn.Module, targets) -> list:
     for name in found:
         if isinstance(modules[name], LoRALinear):
             raise ValueError(f"{name} already has an adapter: call remove_adapters(model) before adding new ones.")
-        if not isinstance(modules[name], nn.Linear):
+        if not isinstance(modules[name], LINEAR_TYPES):
             raise TypeError(
                 f"Target {name} is a {type(modules[name]).__name__}, not an nn.Linear: LoRA here adapts Linear "
                 f"layers only. Name its Linear sub-layers instead."
@@ -77,7 +80,8 @@ def add_adapters(model: nn.Module, method: str = "lora", r: int = 8, alpha: floa
                  dropout: float = 0.0, rslora: bool = False, **method_kwargs) -> nn.Module:
     """Wrap every target Linear of `model` in an adapter layer of `method`, freeze all else; returns `model`.
 
-    method: "lora" (or "dora" once `nanopeft.dora` is imported; `import nanopeft` does that).
+    method: "lora" (or "dora" once `nanopeft.dora` is imported; `import nanopeft` does that). On a model quantized
+            with `nanopeft.nf4.quantize_model` this is QLoRA (QDoRA): the adapters wrap the LinearNF4 layers.
     r, alpha, dropout, rslora: see `LoRALinear`. Extra keywords go to the adapter class (e.g. init="kaiming").
     """
     if method not in METHODS:

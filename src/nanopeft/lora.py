@@ -53,10 +53,11 @@ class LoRALinear(nn.Module):
         self.scaling = alpha / math.sqrt(r) if rslora else alpha / r
         self.lora_dropout = nn.Dropout(dropout) if dropout > 0 else nn.Identity()
         A, B = init_lora_weights(self.in_features, self.out_features, r, init)
-        device, dtype = base_weight(base).device, base_weight(base).dtype
+        device, dtype = base.weight.device, base.weight.dtype  # a 4-bit base (LinearNF4) stores uint8 here
         if init == "peft" and dtype.is_floating_point:
             # peft first moves a new adapter to the base layer's dtype and only then up-casts it to float32, so on a
             # float16/bfloat16 base its A has been rounded to that precision. Do the same to get the same A.
+            # (A 4-bit base's packed weight is not a float, and peft then moves the adapter without a cast.)
             A = A.to(dtype).float()
         self.lora_A = nn.Parameter(A.to(device))  # (r, in)
         self.lora_B = nn.Parameter(B.to(device))  # (out, r), zeros
@@ -88,6 +89,7 @@ class LoRALinear(nn.Module):
         """W0 <- W0 + (alpha / r) B A. The layer then computes the same function with one matmul."""
         if self.merged:
             raise RuntimeError("This LoRA layer is already merged; call unmerge() first.")
+        check_mergeable(self.base_layer)
         weight = base_weight(self.base_layer)
         # The float32 update is added in float32 and rounded once to the weight's dtype (as peft's merge does).
         weight += self.delta_weight()
@@ -109,8 +111,20 @@ class LoRALinear(nn.Module):
 
 
 def base_weight(base: nn.Module) -> torch.Tensor:
-    """The base layer's weight tensor (the place merges write to)."""
+    """The base layer's weight W0 (out, in): the tensor merges write to; for a 4-bit base (`LinearNF4`), a
+    dequantized copy in the original dtype (QLoRA: the adapters see the same W0 the forward pass uses)."""
+    if hasattr(base, "dequantize"):
+        return base.dequantize()
     return base.weight
+
+
+def check_mergeable(base: nn.Module) -> None:
+    """In-place merging needs a full-precision base weight; a 4-bit one cannot hold W0 + s B A exactly."""
+    if hasattr(base, "dequantize"):
+        raise ValueError(
+            "The base layer is 4-bit (LinearNF4): W0 + s B A does not fit on the NF4 grid, so it cannot be merged in "
+            "place. Use nanopeft.nf4.merge_quantized(model, requantize=False) to keep the merged weights in high "
+            "precision, or requantize=True to store them in NF4 again (the rounding error is reported).")
 
 
 def init_lora_weights(in_features: int, out_features: int, r: int, init: str = "peft"):

@@ -95,6 +95,12 @@ def load_base_model(name: str = BUNDLED, dtype: torch.dtype = torch.float32, dev
     return model, tokenizer
 
 
+def bundled_model_folder() -> Path:
+    """A folder holding the bundled model as plain safetensors + tokenizer, readable by any
+    `AutoModelForCausalLM.from_pretrained` (e.g. with a `BitsAndBytesConfig`); built from the GGUF the first time."""
+    return _bundled_cache()
+
+
 def _bundled_cache() -> Path:
     """Return the cached safetensors copy of the bundled model, building it from the GGUF file the first time."""
     gguf = bundled_gguf_path()

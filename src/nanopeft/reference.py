@@ -25,9 +25,34 @@ def peft_params(peft_model, path: str) -> dict:
     return out
 
 
+def bnb_quantize(model, double_quant: bool = True, compute_dtype=None, skip=("lm_head",)):
+    """What `BitsAndBytesConfig(load_in_4bit=True, bnb_4bit_quant_type="nf4", ...)` does to a loaded model, done in
+    place on `model`: every nn.Linear but the head becomes a `bnb.nn.Linear4bit` holding the same weight in NF4."""
+    import bitsandbytes as bnb
+    from torch import nn
+
+    from .adapters import _set_module
+
+    names = [n for n, m in model.named_modules() if isinstance(m, nn.Linear)
+             and not any(n == s or n.endswith("." + s) for s in skip)]
+    for name in names:
+        lin = model.get_submodule(name)
+        layer = bnb.nn.Linear4bit(lin.in_features, lin.out_features, bias=lin.bias is not None,
+                                  compute_dtype=compute_dtype, quant_type="nf4", compress_statistics=double_quant)
+        layer.weight = bnb.nn.Params4bit(lin.weight.data.clone(), requires_grad=False, quant_type="nf4",
+                                         compress_statistics=double_quant, blocksize=64)
+        if lin.bias is not None:
+            layer.bias = nn.Parameter(lin.bias.data.clone(), requires_grad=False)
+        _set_module(model, name, layer.to(lin.weight.device))  # moving a Params4bit to a device quantizes it
+    return model
+
+
 def peft_twin(base, method: str = "lora", seed: int = 0, r: int = 8, alpha: float = 16, targets=("q_proj", "v_proj"),
-              dropout: float = 0.0, rslora: bool = False, perturb: bool = True):
-    """(ours, peft's): `base` adapted by nanopeft and by peft's `get_peft_model`, with equal weights."""
+              dropout: float = 0.0, rslora: bool = False, perturb: bool = True, peft_base=None):
+    """(ours, peft's): `base` adapted by nanopeft and by peft's `get_peft_model`, with equal weights.
+
+    peft_base: the model peft adapts, if not a copy of `base` (QLoRA: `base` quantized by nanopeft, `peft_base` the
+    same weights quantized by bitsandbytes)."""
     from peft import LoraConfig, get_peft_model
 
     torch.manual_seed(seed)
@@ -36,7 +61,7 @@ def peft_twin(base, method: str = "lora", seed: int = 0, r: int = 8, alpha: floa
     torch.manual_seed(seed)
     config = LoraConfig(r=r, lora_alpha=alpha, target_modules=targets if targets == "all-linear" else list(targets),
                         lora_dropout=dropout, use_rslora=rslora, use_dora=method == "dora")
-    theirs = get_peft_model(copy.deepcopy(base), config)
+    theirs = get_peft_model(copy.deepcopy(base if peft_base is None else peft_base), config)
     if perturb:
         g = torch.Generator().manual_seed(seed + 1)
         with torch.no_grad():
@@ -69,3 +94,96 @@ def compare_with_peft(ours, theirs, ids, seed: int = 123) -> dict:
                 raise AssertionError(f"{path}.{name} got no gradient: the comparison would prove nothing.")
             diffs[name] = max(diffs.get(name, 0.0), (mine.grad - ref.grad).abs().max().item())
     return diffs
+
+
+def nf4_from_bnb(weight):
+    """Our NF4Tensor holding exactly the state of a bitsandbytes `Params4bit` (its packed bytes, absmax, and with
+    double quantization its 8-bit absmax codes, their scales and the offset): the bytes map one to one."""
+    from .nf4 import NF4Tensor
+
+    s = weight.quant_state
+    if s.quant_type != "nf4":
+        raise ValueError(f"Only NF4 maps onto NF4Tensor; this weight is {s.quant_type!r}.")
+    if s.nested:
+        return NF4Tensor(weight.data, s.absmax, s.blocksize, s.shape, s.dtype, s.state2.absmax, s.offset)
+    return NF4Tensor(weight.data, s.absmax, s.blocksize, s.shape, s.dtype)
+
+
+def train_steps(model, optimizer, ids, steps: int = 5) -> list:
+    """`steps` optimizer steps of language modelling on the token ids `ids` (the same batch each time), in train
+    mode; the losses. Used to check that two optimizers move two equal models identically."""
+    model.train()
+    losses = []
+    for _ in range(steps):
+        loss = model(input_ids=ids, labels=ids).loss
+        loss.backward()
+        optimizer.step()
+        optimizer.zero_grad()
+        losses.append(loss.item())
+    return losses
+
+
+def verification_table(seed: int = 0) -> list:
+    """Every method against its reference, on tiny models (seconds on a CPU): a list of
+    (method, reference, what was compared, max |difference|, tolerance, passed)."""
+    import bitsandbytes.functional as bf
+    from peft.optimizers import create_loraplus_optimizer as peft_loraplus
+
+    from .loraplus import create_loraplus_optimizer
+    from .models import tiny_llama
+    from .nf4 import dequantize_nf4, quantize_model, quantize_nf4
+
+    ids = torch.randint(0, 256, (2, 16), generator=torch.Generator().manual_seed(seed))
+    rows = []
+
+    def row(method, ref, what, diff, tol=0.0):
+        rows.append((method, ref, what, diff, tol, diff <= tol))
+
+    for method in ("lora", "dora"):
+        d = compare_with_peft(*peft_twin(tiny_llama(), method=method, targets="all-linear", dropout=0.1), ids)
+        row(method, "peft 0.21", "logits, grads of " + "/".join(k for k in d if k != "logits"), max(d.values()))
+
+    w = torch.randn(192, 576, generator=torch.Generator().manual_seed(seed))
+    q = quantize_nf4(w)
+    packed, state = bf.quantize_4bit(w, blocksize=64, quant_type="nf4")
+    same = torch.equal(q.packed, packed) and torch.equal(q.absmax, state.absmax)
+    row("nf4", "bitsandbytes 0.50", "packed bytes, absmax (192x576)", 0.0 if same else float("inf"))
+    row("nf4", "bitsandbytes 0.50", "dequantized values",
+        (dequantize_nf4(q) - bf.dequantize_4bit(packed, state)).abs().max().item())
+
+    for method in ("lora", "dora"):
+        base = tiny_llama()
+        ours_base = copy.deepcopy(base)
+        quantize_model(ours_base, double_quant=False)
+        theirs_base = bnb_quantize(copy.deepcopy(base), double_quant=False)
+        d = compare_with_peft(*peft_twin(ours_base, method=method, targets="all-linear", dropout=0.1,
+                                         peft_base=theirs_base), ids)
+        row("q" + method, "peft + bitsandbytes", "logits, grads on an NF4 base", max(d.values()))
+
+    # LoRA+: the same groups, then five AdamW steps from identical starts
+    ours, theirs = peft_twin(tiny_llama(), method="dora", targets="all-linear")
+    opt_ours = create_loraplus_optimizer(ours, torch.optim.AdamW, lr=1e-3, ratio=16, weight_decay=0.01)
+    opt_theirs = peft_loraplus(theirs, torch.optim.AdamW, lr=1e-3, loraplus_lr_ratio=16, loraplus_weight_decay=0.01)
+    losses = [train_steps(ours, opt_ours, ids), train_steps(theirs, opt_theirs, ids)]
+    row("lora+", "peft 0.21", "5 AdamW steps (DoRA model): losses",
+        max(abs(a - b) for a, b in zip(*losses)), 1e-6)
+    return rows
+
+
+def copy_bnb_state(ours, theirs, prefix: str = "") -> int:
+    """Give every LinearNF4 of `ours` the stored state of the bitsandbytes layer at the same path in `theirs`
+    (`prefix` + path, e.g. "base_model.model." for a peft model). With double quantization bitsandbytes' CPU
+    kernel picks a neighbouring 8-bit absmax code for a few blocks (see nanopeft.nf4); after this copy the two
+    models hold the same bytes, so any remaining difference would be in the computation. Returns the layer count."""
+    from .nf4 import LinearNF4
+
+    count = 0
+    with torch.no_grad():
+        for name, m in ours.named_modules():
+            if isinstance(m, LinearNF4):
+                q = nf4_from_bnb(theirs.get_submodule(prefix + name).weight)
+                for field, t in q.tensors().items():
+                    getattr(m, "weight" if field == "packed" else field).copy_(t.view_as(
+                        getattr(m, "weight" if field == "packed" else field)))
+                count += 1
+    return count

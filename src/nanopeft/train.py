@@ -169,3 +169,16 @@ def summarize(history: list) -> dict:
         "peak memory": max(r["memory"]["peak"] for r in history),
         "peak memory kind": history[-1]["memory"]["kind"],
     }
+
+
+def forward_backward(model, batch: dict):
+    """One forward pass on the answer positions and one backward, as in `train`; returns (loss, the bytes autograd
+    saved for the backward: the activations, counted exactly by `memory.SavedTensors`)."""
+    from .memory import SavedTensors
+
+    with SavedTensors(model) as saved:
+        logits = model(input_ids=batch["input_ids"], attention_mask=batch["attention_mask"],
+                       logits_to_keep=batch["keep"]).logits
+        loss = answer_loss(logits, batch["labels"])
+    loss.backward()
+    return loss.detach(), saved.nbytes

@@ -1,0 +1,496 @@
+"""NF4: 4-bit NormalFloat with double quantization, the frozen-base format of QLoRA (Dettmers et al., 2023,
+arXiv:2305.14314), byte for byte as bitsandbytes stores it.
+
+Pretrained weights are close to normally distributed, so the 16 levels of a 4-bit code are best spent where a normal
+distribution puts its mass: NF4's levels are quantiles of N(0, 1), rescaled to [-1, 1]. A weight is cut into blocks
+of `blocksize` (64) consecutive numbers; each block is divided by its largest magnitude (`absmax`), and each number
+becomes the index of the nearest level:
+
+    code_i = argmin_j |w_i / absmax_b - q_j|          w_i ~= q[code_i] * absmax_b    (dequantize)
+
+Two 4-bit codes share a byte. The absmax costs 32 bits per 64 numbers (0.5 bits per parameter), so double
+quantization stores the absmax themselves in 8 bits (the signed "dynamic" code), in blocks of 256 with one float32
+scale each, around their mean: 8/64 + 32/(64*256) = 0.127 bits. In all, 4.5 -> 4.127 bits per parameter.
+
+The frozen base is stored this way and dequantized to the compute dtype in every forward (and again in the
+backward, so no full-size weight is kept for autograd); LoRA's A and B stay in high precision and train.
+"""
+from __future__ import annotations
+
+import functools
+import math
+from dataclasses import dataclass
+
+import torch
+import torch.nn.functional as F
+from torch import nn
+
+BLOCKSIZES = (32, 64, 128, 256, 512, 1024, 2048, 4096)  # the block sizes bitsandbytes supports
+FLOAT_DTYPES = (torch.float32, torch.float16, torch.bfloat16)
+
+
+# ---------------------------------------------------------------------------------------------------- the codes
+def _normal_quantile(p: torch.Tensor) -> torch.Tensor:
+    """Phi^{-1}(p), the quantile function of the standard normal, in float64."""
+    return math.sqrt(2.0) * torch.erfinv(2.0 * p - 1.0)
+
+
+def nf4_code() -> torch.Tensor:
+    """The 16 NF4 levels, sorted, float32: quantiles of N(0, 1) scaled so that the largest is 1.
+
+    QLoRA wants an exact zero (padding and zero weights stay exact) and so builds the two halves separately:
+    8 positive levels at the quantiles of probabilities spaced evenly from `offset` down to 0.5, 7 negative ones
+    from 1 - `offset` up to 0.5, and 0. The offset 0.9677083 = (1 - 1/(2*15) + 1 - 1/(2*16)) / 2 keeps the last
+    quantile finite (Phi^{-1}(1) is infinite).
+    """
+    offset = 0.9677083
+    # bitsandbytes' create_normal_map: probabilities in float32, quantiles in float64, normalised in float32
+    positive = _normal_quantile(torch.linspace(offset, 0.5, 9)[:-1].double())  # 8 values, largest first
+    negative = -_normal_quantile(torch.linspace(offset, 0.5, 8)[:-1].double())  # 7 values
+    levels = torch.cat([positive, torch.zeros(1, dtype=torch.float64), negative]).float().sort().values
+    return levels / levels.max()  # (16,), the largest is exactly 1
+
+
+def fp4_code() -> torch.Tensor:
+    """bitsandbytes' FP4 levels (its other 4-bit type), sorted: a tiny float, 1 sign, 2 exponent and 1 mantissa bit.
+
+    Magnitudes 0, 0.0625 (the one subnormal), 2, 3, 4, 6, 8, 12 -- powers of two and 1.5 times them -- divided by 12.
+    bitsandbytes stores both +0 and -0, so two of its 16 codes mean zero; here they are one level (15 in all).
+    """
+    normal = [m * 2.0 ** e for e in (1, 2, 3) for m in (1.0, 1.5)]  # 2, 3, 4, 6, 8, 12
+    magnitudes = torch.tensor([0.0, 0.0625] + normal, dtype=torch.float64) / 12.0
+    return torch.cat([-magnitudes[1:], magnitudes]).sort().values.float()  # (15,)
+
+
+def int4_code() -> torch.Tensor:
+    """Plain symmetric INT4 with absmax scaling: 15 evenly spaced levels k/7, k = -7..7 (no normal prior)."""
+    return torch.arange(-7, 8, dtype=torch.float32) / 7  # (15,)
+
+
+def dynamic_code() -> torch.Tensor:
+    """The signed 8-bit "dynamic" code double quantization stores absmax values with (256 levels, sorted).
+
+    Dettmers' dynamic tree quantization (arXiv:1511.04561): a sign, then a decimal exponent 10^-6 ... 10^0 and a
+    linear fraction whose resolution grows with the exponent -- fine steps near zero, coarse near 1. For exponent
+    10^(i-6), i = 0..6, the fractions are the midpoints of 2^i + 1 points evenly spaced on [0.1, 1]: 2^i levels and
+    their negatives, 254 in all, plus 0 and 1. Computed in float32 in the order bitsandbytes' `create_dynamic_map`
+    uses, so the levels are the same floats.
+    """
+    levels = []
+    for i in range(7):
+        boundaries = torch.linspace(0.1, 1, 2 ** i + 1, dtype=torch.float32)
+        means = (boundaries[:-1] + boundaries[1:]) / 2.0  # (2^i,)
+        levels += ((10 ** (i - 6)) * means).tolist() + (-(10 ** (i - 6)) * means).tolist()
+    levels += [0.0, 1.0]
+    return torch.tensor(sorted(levels), dtype=torch.float32)  # (256,)
+
+
+@functools.cache
+def _code_on(name: str, device: torch.device) -> torch.Tensor:
+    """A code table built once per device (every forward of every LinearNF4 needs it). Do not modify it."""
+    if name == "nf4-pairs":  # byte b -> (nf4[b >> 4], nf4[b & 15]): both values of a byte in one lookup
+        code = nf4_code()
+        return torch.stack([code.repeat_interleave(16), code.repeat(16)], dim=1).to(device)  # (256, 2)
+    return {"nf4": nf4_code, "dynamic": dynamic_code}[name]().to(device)
+
+
+# ------------------------------------------------------------------------------------------- blockwise rounding
+def quantize_blockwise(x: torch.Tensor, code: torch.Tensor, blocksize: int):
+    """Absmax-scale `x` (flattened row-major) in blocks of `blocksize` and round each number to the nearest level of
+    `code` (sorted). Returns (indices int64 (n,), absmax float32 (blocks,)).
+
+    Blocks run across row boundaries; a last, shorter block gets its own absmax. A value exactly half-way between
+    two levels goes to the lower one. These are bitsandbytes' rules, including two details of its arithmetic that
+    make the bytes equal: full blocks are multiplied by 1/absmax but the tail block is divided by its absmax, and
+    an all-zero block divides by 1e-38 instead of 0 (its absmax is stored as 0, the tail's as 1e-38).
+    """
+    flat = x.reshape(-1).float()  # (n,)  float16/bfloat16 are exact in float32
+    n = flat.numel()
+    full = n - n % blocksize
+    blocks = flat[:full].view(-1, blocksize)  # (n // blocksize, blocksize)
+    absmax = blocks.abs().amax(dim=1)  # (n // blocksize,)
+    scaled = blocks * (1.0 / absmax.clamp(min=1e-38)).view(-1, 1)  # w / absmax, in [-1, 1]
+    parts, maxes = [scaled.reshape(-1)], [absmax]
+    if full < n:  # the tail block
+        tail_max = flat[full:].abs().max().clamp(min=1e-38)
+        parts.append(flat[full:] / tail_max)
+        maxes.append(tail_max.view(1))
+    scaled = torch.cat(parts).clamp(-1, 1)  # (n,)
+    midpoints = (code[:-1] + code[1:]) / 2  # level j wins on (midpoint j-1, midpoint j]
+    return torch.bucketize(scaled, midpoints), torch.cat(maxes)
+
+
+def dequantize_blockwise(indices: torch.Tensor, absmax: torch.Tensor, code: torch.Tensor, blocksize: int):
+    """code[index] * absmax of its block, float32, flat (n,)."""
+    return scale_blocks(code[indices], absmax, blocksize)
+
+
+def scale_blocks(values: torch.Tensor, absmax: torch.Tensor, blocksize: int) -> torch.Tensor:
+    """values (n,) in [-1, 1] times the absmax of their block: (n,)."""
+    n = values.numel()
+    full = n - n % blocksize
+    out = (values[:full].view(-1, blocksize) * absmax[: full // blocksize].view(-1, 1)).reshape(-1)
+    if full < n:
+        out = torch.cat([out, values[full:] * absmax[-1]])
+    return out
+
+
+def pack(indices: torch.Tensor) -> torch.Tensor:
+    """Two 4-bit codes per byte, the first in the high nibble; an odd count is padded with code 7 (NF4's zero).
+    (n,) -> ((n + 1) // 2, 1) uint8, bitsandbytes' layout."""
+    codes = indices.to(torch.uint8)
+    if codes.numel() % 2:
+        codes = torch.cat([codes, codes.new_full((1,), 7)])
+    return ((codes[0::2] << 4) | codes[1::2]).view(-1, 1)  # high nibble: even positions
+
+
+def unpack(packed: torch.Tensor, n: int) -> torch.Tensor:
+    """The inverse of `pack`: ((n + 1) // 2, 1) uint8 -> (n,) int64 codes."""
+    packed = packed.view(-1)
+    codes = torch.stack([packed >> 4, packed & 0x0F], dim=1).view(-1)  # (2 * bytes,) high, low, high, low...
+    return codes[:n].long()
+
+
+# ------------------------------------------------------------------------------------------------- NF4 tensors
+@dataclass
+class NF4Tensor:
+    """A weight in NF4: everything needed to rebuild it, nothing more. Field names follow bitsandbytes' QuantState.
+
+    packed:    ((numel + 1) // 2, 1) uint8, two codes per byte.
+    absmax:    (blocks,) float32 -- or, with double quantization, (blocks,) uint8 indices into `dynamic_code()`.
+    blocksize: numbers per absmax block.
+    shape, dtype: the original tensor's.
+    With double quantization only: `absmax_scale` (ceil(blocks / 256),) float32, the absmax of each block of 256
+    centred absmax values; `offset`, a float32 scalar, their mean (absmax ~= dynamic[absmax] * scale + offset).
+    """
+
+    packed: torch.Tensor
+    absmax: torch.Tensor
+    blocksize: int
+    shape: torch.Size
+    dtype: torch.dtype
+    absmax_scale: torch.Tensor | None = None
+    offset: torch.Tensor | None = None
+
+    DQ_BLOCKSIZE = 256
+
+    @property
+    def double_quant(self) -> bool:
+        return self.absmax_scale is not None
+
+    @property
+    def numel(self) -> int:
+        return math.prod(self.shape)
+
+    def tensors(self) -> dict:
+        """The stored tensors by name (what `nbytes` counts)."""
+        out = {"packed": self.packed, "absmax": self.absmax}
+        if self.double_quant:
+            out.update(absmax_scale=self.absmax_scale, offset=self.offset)
+        return out
+
+    @property
+    def nbytes(self) -> int:
+        return sum(t.numel() * t.element_size() for t in self.tensors().values())
+
+    @property
+    def bits_per_parameter(self) -> float:
+        """Stored bits / parameters. The shared code tables (16 and 256 floats) are not counted, as in the paper."""
+        return 8 * self.nbytes / self.numel
+
+    def block_absmax(self) -> torch.Tensor:
+        """The float32 absmax of every 4-bit block (decoded from 8 bits first under double quantization)."""
+        if not self.double_quant:
+            return self.absmax
+        # absmax ~= dynamic[code] * scale of its block of 256 + offset
+        centred = dequantize_blockwise(self.absmax.long(), self.absmax_scale, _code_on("dynamic", self.packed.device),
+                                       self.DQ_BLOCKSIZE)
+        return centred + self.offset
+
+    def to(self, device) -> "NF4Tensor":
+        moved = {k: v.to(device) for k, v in self.tensors().items()}
+        return NF4Tensor(moved["packed"], moved["absmax"], self.blocksize, self.shape, self.dtype,
+                         moved.get("absmax_scale"), moved.get("offset"))
+
+    def __repr__(self) -> str:
+        dq = ", double_quant" if self.double_quant else ""
+        return (f"NF4Tensor(shape={tuple(self.shape)}, dtype={self.dtype}, blocksize={self.blocksize}{dq}, "
+                f"{self.nbytes:,} bytes = {self.bits_per_parameter:.3f} bits/parameter)")
+
+
+def check_quantizable(w, blocksize: int, name: str = "tensor") -> None:
+    """Clear errors for what NF4 cannot store: raises ValueError/TypeError naming what to change."""
+    if isinstance(w, NF4Tensor):
+        raise TypeError(f"{name} is already an NF4Tensor: quantizing twice would round the rounding. "
+                        f"Dequantize it first (dequantize_nf4) if you really mean to.")
+    if not torch.is_tensor(w):
+        raise TypeError(f"{name} must be a torch.Tensor, got {type(w).__name__}.")
+    if w.dtype not in FLOAT_DTYPES:
+        raise TypeError(f"{name} has dtype {w.dtype}; NF4 quantizes float32, float16 or bfloat16 tensors. "
+                        f"Convert it first, e.g. w.float().")
+    if w.numel() == 0:
+        raise ValueError(f"{name} is empty (shape {tuple(w.shape)}): there is nothing to quantize.")
+    if blocksize not in BLOCKSIZES:
+        raise ValueError(f"blocksize={blocksize!r} is not supported; bitsandbytes (and so NF4 files) use one of "
+                         f"{BLOCKSIZES}. QLoRA uses 64.")
+    if not torch.isfinite(w).all():
+        bad = (~torch.isfinite(w)).sum().item()
+        raise ValueError(f"{name} has {bad} NaN/inf value(s): a block's absmax would be inf or NaN and every number "
+                         f"in that block would be lost. Fix the weights (torch.nan_to_num) before quantizing.")
+
+
+def quantize_nf4(w: torch.Tensor, blocksize: int = 64, double_quant: bool = False) -> NF4Tensor:
+    """Quantize `w` to NF4 exactly as `bitsandbytes.functional.quantize_4bit(w, blocksize, quant_type="nf4",
+    compress_statistics=double_quant)` does (same bytes, same absmax)."""
+    check_quantizable(w, blocksize, "w")
+    indices, absmax = quantize_blockwise(w, _code_on("nf4", w.device), blocksize)  # (n,), (blocks,)
+    q = NF4Tensor(pack(indices), absmax, blocksize, w.shape, w.dtype)
+    if double_quant:
+        # absmax values are all positive and similar: centre them on their mean, then 8 bits in blocks of 256.
+        offset = absmax.mean()
+        codes, scale = quantize_blockwise(absmax - offset, _code_on("dynamic", w.device), NF4Tensor.DQ_BLOCKSIZE)
+        q.absmax, q.absmax_scale, q.offset = codes.to(torch.uint8), scale, offset
+    return q
+
+
+def dequantize_nf4(q: NF4Tensor, dtype: torch.dtype | None = None) -> torch.Tensor:
+    """The weight back, w ~= nf4[code] * absmax, in `dtype` (default: the original dtype), shape `q.shape`.
+
+    Equal to `dequantize_blockwise(unpack(q.packed), absmax, nf4_code())`, but each byte is looked up once in a
+    256 x 2 table of value pairs instead of being split into two codes first (3-4x faster on a CPU).
+    """
+    pairs = _code_on("nf4-pairs", q.packed.device)  # (256, 2)
+    values = pairs.index_select(0, q.packed.view(-1).int()).view(-1)[: q.numel]  # float32 (n,)
+    return scale_blocks(values, q.block_absmax(), q.blocksize).view(q.shape).to(dtype or q.dtype)
+
+
+def max_rounding_error(q: NF4Tensor) -> torch.Tensor:
+    """The bound every element obeys: |w - dequantize(quantize(w))| <= (largest gap between levels / 2) * absmax."""
+    code = nf4_code()
+    return (code[1:] - code[:-1]).max() / 2 * q.block_absmax()
+
+
+# ------------------------------------------------------------------------------------------------- the layer
+class _NF4Matmul(torch.autograd.Function):
+    """y = x W^T with W dequantized on the fly. The backward dequantizes again instead of keeping W (out, in) for
+    autograd, as bitsandbytes' MatMul4Bit does: only x's gradient exists, since W is frozen."""
+
+    @staticmethod
+    def forward(ctx, x, layer, bias):
+        ctx.layer = layer
+        return F.linear(x, layer.dequantize(x.dtype), bias)  # (..., in) @ (in, out) + b -> (..., out)
+
+    @staticmethod
+    def backward(ctx, grad_out):
+        return grad_out @ ctx.layer.dequantize(grad_out.dtype), None, None  # (..., out) @ (out, in) -> (..., in)
+
+
+class LinearNF4(nn.Module):
+    """A frozen Linear whose weight is stored in NF4 and dequantized to `compute_dtype` in every forward.
+
+    Buffers, named like bitsandbytes' `Linear4bit` state: `weight` (packed uint8), `absmax`, and with double
+    quantization `absmax_scale` and `offset`. The bias (if any) is a frozen parameter in its original dtype.
+    compute_dtype: the dtype of the matmul (None: the input's dtype, bitsandbytes' default for float32 inputs).
+
+        forward(x) = F.linear(x.to(cd), dequantize(W).to(cd), bias.to(cd)).to(x.dtype)
+    """
+
+    def __init__(self, q: NF4Tensor, bias: torch.Tensor | None = None, compute_dtype: torch.dtype | None = None):
+        super().__init__()
+        if len(q.shape) != 2:
+            raise ValueError(f"LinearNF4 needs a 2-D (out, in) weight, got shape {tuple(q.shape)}.")
+        self.out_features, self.in_features = q.shape
+        self.blocksize, self.weight_shape, self.weight_dtype = q.blocksize, q.shape, q.dtype
+        self.compute_dtype = compute_dtype
+        self.register_buffer("weight", q.packed)
+        for name, t in q.tensors().items():
+            if name != "packed":
+                self.register_buffer(name, t)
+        self.bias = nn.Parameter(bias.detach().clone(), requires_grad=False) if bias is not None else None
+
+    @classmethod
+    def from_linear(cls, linear: nn.Linear, blocksize: int = 64, double_quant: bool = True,
+                    compute_dtype: torch.dtype | None = None) -> "LinearNF4":
+        """Quantize a `nn.Linear`'s weight (the Linear itself is left unchanged)."""
+        if isinstance(linear, LinearNF4):
+            raise TypeError("This layer is already a LinearNF4: quantizing twice would round the rounding.")
+        if not isinstance(linear, nn.Linear):
+            raise TypeError(f"from_linear needs an nn.Linear, got {type(linear).__name__}.")
+        q = quantize_nf4(linear.weight.detach(), blocksize=blocksize, double_quant=double_quant)
+        return cls(q, linear.bias, compute_dtype)
+
+    @property
+    def quantized(self) -> NF4Tensor:
+        """The stored weight as an NF4Tensor (views of this layer's buffers)."""
+        dq = hasattr(self, "absmax_scale")
+        return NF4Tensor(self.weight, self.absmax, self.blocksize, self.weight_shape, self.weight_dtype,
+                         self.absmax_scale if dq else None, self.offset if dq else None)
+
+    def dequantize(self, dtype: torch.dtype | None = None) -> torch.Tensor:
+        """W (out, in) in `dtype` (default: the original weight's dtype), rebuilt from the 4-bit codes."""
+        return dequantize_nf4(self.quantized, dtype)
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        cd = self.compute_dtype or x.dtype
+        bias = self.bias.to(cd) if self.bias is not None else None
+        return _NF4Matmul.apply(x.to(cd), self, bias).to(x.dtype)  # (..., out)
+
+    def extra_repr(self) -> str:
+        q = self.quantized
+        return (f"in_features={self.in_features}, out_features={self.out_features}, bias={self.bias is not None}, "
+                f"blocksize={self.blocksize}, double_quant={q.double_quant}, compute_dtype={self.compute_dtype}, "
+                f"{q.bits_per_parameter:.3f} bits/parameter")
+
+
+# ------------------------------------------------------------------------------------------------ whole models
+@dataclass
+class QuantizeReport:
+    layers: int  # Linear layers quantized
+    parameters: int  # weights in them
+    bytes_before: int  # those weights before (their own dtype)
+    bytes_after: int  # packed codes + absmax (+ double-quantization state)
+    model_bytes_before: int  # every parameter and buffer of the model, before and after
+    model_bytes_after: int
+
+    @property
+    def bits_per_parameter(self) -> float:
+        return 8 * self.bytes_after / self.parameters
+
+    def __str__(self) -> str:
+        mib = 2 ** 20
+        return (f"quantized {self.layers} Linear layers ({self.parameters:,} weights): "
+                f"{self.bytes_before / mib:.1f} MiB -> {self.bytes_after / mib:.1f} MiB, "
+                f"{self.bits_per_parameter:.3f} bits/parameter; whole model "
+                f"{self.model_bytes_before / mib:.1f} MiB -> {self.model_bytes_after / mib:.1f} MiB")
+
+
+def model_bytes(model: nn.Module) -> int:
+    """Bytes of every parameter and buffer, shared tensors (tied embeddings) counted once."""
+    seen, total = set(), 0
+    for t in list(model.parameters()) + list(model.buffers()):
+        if t.data_ptr() not in seen:
+            seen.add(t.data_ptr())
+            total += t.numel() * t.element_size()
+    return total
+
+
+def quantize_model(model: nn.Module, skip=("lm_head",), blocksize: int = 64, double_quant: bool = True,
+                   compute_dtype: torch.dtype | None = None) -> QuantizeReport:
+    """Replace every nn.Linear of `model` in place by a LinearNF4, except those whose path is or ends with a name in
+    `skip` (the output head, by default, as transformers' bitsandbytes integration does). Returns a report.
+
+    Everything is checked before the first layer changes, so an error leaves the model as it was.
+    """
+    from .adapters import _set_module, adapter_layers
+
+    if any(isinstance(m, LinearNF4) for m in model.modules()):
+        raise ValueError("This model is already quantized (it has LinearNF4 layers): quantizing twice would round "
+                         "the rounding. Start again from the full-precision model.")
+    if adapter_layers(model):
+        raise ValueError("This model has adapters: quantize the base first, then add adapters (QLoRA), or merge "
+                         "and remove them (remove_adapters(model, merge=True)) before quantizing.")
+    skip = (skip,) if isinstance(skip, str) else tuple(skip)
+    names = [n for n, m in model.named_modules() if isinstance(m, nn.Linear)
+             and not any(n == s or n.endswith("." + s) for s in skip)]
+    if not names:
+        raise ValueError(f"No nn.Linear layers to quantize in {type(model).__name__} (skip={skip}).")
+    modules = dict(model.named_modules())
+    for name in names:
+        check_quantizable(modules[name].weight.detach(), blocksize, f"{name}.weight")
+
+    before_model = model_bytes(model)
+    params = before = after = 0
+    for name in names:
+        linear = modules[name]
+        layer = LinearNF4.from_linear(linear, blocksize, double_quant, compute_dtype)
+        params += linear.weight.numel()
+        before += linear.weight.numel() * linear.weight.element_size()
+        after += layer.quantized.nbytes
+        _set_module(model, name, layer)
+    return QuantizeReport(len(names), params, before, after, before_model, model_bytes(model))
+
+
+def prepare_for_kbit_training(model: nn.Module, gradient_checkpointing: bool = True) -> nn.Module:
+    """What peft's `prepare_model_for_kbit_training` does, for a model quantized with `quantize_model`:
+
+    1. freeze every parameter (adapters are added afterwards and are the only thing that trains);
+    2. cast every float16/bfloat16 parameter that is left (norms, embeddings, head, biases) to float32 -- small
+       tensors whose precision matters for stable training; the 4-bit weights stay as they are;
+    3. optionally switch on gradient checkpointing: activations of each decoder layer are recomputed in the backward
+       instead of stored, trading about one extra forward for most of the activation memory.
+
+    peft's default checkpointing is the older "reentrant" kind, which needs the embeddings' output to require grad
+    (`enable_input_require_grads`); we use the non-reentrant kind PyTorch now recommends, which does not.
+    """
+    for p in model.parameters():
+        p.requires_grad_(False)
+        if p.dtype in (torch.float16, torch.bfloat16):
+            p.data = p.data.float()
+    if gradient_checkpointing:
+        if not hasattr(model, "gradient_checkpointing_enable"):
+            raise TypeError(f"{type(model).__name__} has no gradient_checkpointing_enable(); pass "
+                            f"gradient_checkpointing=False or use a transformers model.")
+        if hasattr(model, "config"):
+            model.config.use_cache = False  # a cache is useless during training and clashes with recomputation
+        kwargs = {"use_reentrant": False}
+        if hasattr(model, "activation_checkpointing_enable"):  # transformers >= 5.x renamed it
+            model.activation_checkpointing_enable(activation_checkpointing_kwargs=kwargs)
+        else:
+            model.gradient_checkpointing_enable(gradient_checkpointing_kwargs=kwargs)
+    return model
+
+
+# ------------------------------------------------------------------------------------- merging into a 4-bit base
+@dataclass
+class MergeReport:
+    layers: int
+    requantized: bool
+    max_abs_error: float  # largest |stored - (W0 + update)| over all merged weights (0 if kept in high precision)
+    update_lost: float  # ||stored - (W0 + update)|| / ||update||: how much of the learned update the rounding hides
+
+    def __str__(self) -> str:
+        how = "re-quantized to NF4" if self.requantized else "kept in high precision"
+        return (f"merged {self.layers} layers, {how}: max |rounding error| {self.max_abs_error:.3e}, "
+                f"rounding error / update norm {self.update_lost:.3f}")
+
+
+@torch.no_grad()
+def merge_quantized(model: nn.Module, requantize: bool = False, dtype: torch.dtype = torch.float32) -> MergeReport:
+    """Fold adapters that sit on LinearNF4 layers into their weights, the honest way, and remove the adapters.
+
+    There is no exact 4-bit merge: W0 + s B A is not on the NF4 grid. Each layer's W0 is dequantized, the update
+    added (DoRA: m / ||.|| applied), and then either
+      requantize=False: the merged weight is kept as a plain nn.Linear in `dtype` (exact; the layer is no longer
+                        4-bit: 4.127 -> 32 bits per weight in float32), or
+      requantize=True:  it is quantized to NF4 again (same block size and double quantization), and the rounding
+                        error is measured: the report says how large it is next to the update itself.
+    """
+    from .adapters import _set_module, adapter_layers
+
+    layers = {n: m for n, m in adapter_layers(model).items() if isinstance(m.base_layer, LinearNF4)}
+    if not layers:
+        raise ValueError("No adapter in this model sits on a LinearNF4 layer: use merge_adapters/remove_adapters.")
+    err_sq = upd_sq = 0.0
+    max_err = 0.0
+    for name, layer in layers.items():
+        base = layer.base_layer
+        w0 = base.dequantize(torch.float32)  # (out, in)
+        merged = layer.effective_weight()  # W0 + s B A (DoRA: scaled by m / norm), float32
+        if requantize:
+            q = quantize_nf4(merged.to(base.weight_dtype), base.blocksize, double_quant=hasattr(base, "absmax_scale"))
+            new = LinearNF4(q, base.bias, base.compute_dtype)
+            stored = dequantize_nf4(q, torch.float32)
+        else:
+            new = nn.Linear(base.in_features, base.out_features, bias=base.bias is not None,
+                            device=merged.device, dtype=dtype)
+            new.weight.copy_(merged)
+            if base.bias is not None:
+                new.bias.copy_(base.bias)
+            new.requires_grad_(False)
+            stored = new.weight.float()
+        err = stored - merged
+        max_err = max(max_err, err.abs().max().item())
+        err_sq += err.pow(2).sum().item()
+        upd_sq += (merged - w0).pow(2).sum().item()
+        _set_module(model, name, new)
+    return MergeReport(len(layers), requantize, max_err, math.sqrt(err_sq) / max(math.sqrt(upd_sq), 1e-30))
