@@ -13,8 +13,9 @@ from torch import nn
 
 from nanopeft import add_adapters, adapter_layers, merge_adapters, remove_adapters
 from nanopeft.models import tiny_llama
-from nanopeft.nf4 import (LinearNF4, NF4Tensor, dequantize_nf4, dynamic_code, fp4_code, merge_quantized, nf4_code,
-                          prepare_for_kbit_training, quantize_model, quantize_nf4)
+from nanopeft.nf4 import (LinearNF4, NF4Tensor, dequantize_blockwise, dequantize_nf4, dynamic_code, fp4_code,
+                          merge_quantized, nf4_code, pack, prepare_for_kbit_training, quantize_model, quantize_nf4,
+                          unpack)
 from nanopeft.reference import bnb_quantize, compare_with_peft, copy_bnb_state, nf4_from_bnb, peft_twin
 
 CPU = torch.device("cpu")
@@ -108,6 +109,17 @@ def test_known_bitsandbytes_cpu_dequantize_bug_is_why_shapes_are_multiples_of_64
     assert torch.equal(ours, bnb_reference_dequantize(packed, state))
     if not torch.equal(ours, bf.dequantize_4bit(packed, state)):
         pytest.xfail("bitsandbytes' CPU kernel is wrong at in_features=100 on this machine (the documented bug)")
+
+
+@settings(max_examples=40, deadline=None)
+@given(codes=st.lists(st.integers(0, 15), min_size=1, max_size=301))
+def test_unpack_inverts_pack_and_the_fast_dequantize_equals_the_plain_one(codes):
+    idx = torch.tensor(codes)
+    assert torch.equal(unpack(pack(idx), len(codes)), idx)
+    w = torch.randn(len(codes), generator=torch.Generator().manual_seed(len(codes)))
+    q = quantize_nf4(w)
+    plain = dequantize_blockwise(unpack(q.packed, q.numel), q.absmax, nf4_code(), q.blocksize)
+    assert torch.equal(dequantize_nf4(q), plain)
 
 
 def test_packing_puts_the_first_element_in_the_high_nibble():

@@ -25,7 +25,7 @@ import torch.nn.functional as F
 from torch import nn
 
 from .adapters import METHODS
-from .lora import LoRALinear, base_weight, check_mergeable
+from .lora import LoRALinear, base_weight
 
 
 class DoRALinear(LoRALinear):
@@ -92,9 +92,7 @@ class DoRALinear(LoRALinear):
     @torch.no_grad()
     def merge(self) -> None:
         """W0 <- (m / ||W0 + s B A||) * (W0 + s B A), as peft computes it; the norm is kept for `unmerge`."""
-        if self.merged:
-            raise RuntimeError("This DoRA layer is already merged; call unmerge() first.")
-        check_mergeable(self.base_layer)
+        self._check_can_merge()
         weight = base_weight(self.base_layer)
         delta = self.delta_weight()  # s B A, float32                             (out, in)
         norm = torch.linalg.norm(weight + delta, dim=1)  # (out,)

@@ -87,13 +87,16 @@ class LoRALinear(nn.Module):
     @torch.no_grad()
     def merge(self) -> None:
         """W0 <- W0 + (alpha / r) B A. The layer then computes the same function with one matmul."""
-        if self.merged:
-            raise RuntimeError("This LoRA layer is already merged; call unmerge() first.")
-        check_mergeable(self.base_layer)
+        self._check_can_merge()
         weight = base_weight(self.base_layer)
         # The float32 update is added in float32 and rounded once to the weight's dtype (as peft's merge does).
         weight += self.delta_weight()
         self.merged = True
+
+    def _check_can_merge(self) -> None:
+        if self.merged:
+            raise RuntimeError(f"This {type(self).__name__} is already merged; call unmerge() first.")
+        check_mergeable(self.base_layer)
 
     @torch.no_grad()
     def unmerge(self) -> None:

@@ -264,12 +264,6 @@ def dequantize_nf4(q: NF4Tensor, dtype: torch.dtype | None = None) -> torch.Tens
     return scale_blocks(values, q.block_absmax(), q.blocksize).view(q.shape).to(dtype or q.dtype)
 
 
-def max_rounding_error(q: NF4Tensor) -> torch.Tensor:
-    """The bound every element obeys: |w - dequantize(quantize(w))| <= (largest gap between levels / 2) * absmax."""
-    code = nf4_code()
-    return (code[1:] - code[:-1]).max() / 2 * q.block_absmax()
-
-
 # ------------------------------------------------------------------------------------------------- the layer
 class _NF4Matmul(torch.autograd.Function):
     """y = x W^T with W dequantized on the fly. The backward dequantizes again instead of keeping W (out, in) for

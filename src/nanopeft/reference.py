@@ -182,8 +182,9 @@ def copy_bnb_state(ours, theirs, prefix: str = "") -> int:
         for name, m in ours.named_modules():
             if isinstance(m, LinearNF4):
                 q = nf4_from_bnb(theirs.get_submodule(prefix + name).weight)
-                for field, t in q.tensors().items():
-                    getattr(m, "weight" if field == "packed" else field).copy_(t.view_as(
-                        getattr(m, "weight" if field == "packed" else field)))
+                m.weight.copy_(q.packed)
+                for field in ("absmax", "absmax_scale", "offset"):
+                    if hasattr(m, field):
+                        getattr(m, field).copy_(getattr(q, field))
                 count += 1
     return count
