@@ -1,15 +1,12 @@
 """LoRA+ against peft 0.21's create_loraplus_optimizer: same parameters in the same groups with the same learning
 rates and weight decay, and the same losses over several steps from identical starts."""
-import copy
-
 import pytest
 import torch
 
 from nanopeft import add_adapters, adapter_layers
 from nanopeft.loraplus import create_loraplus_optimizer, loraplus_param_groups
 from nanopeft.models import tiny_llama, tiny_qwen2
-from nanopeft.nf4 import quantize_model
-from nanopeft.reference import bnb_quantize, peft_params, peft_twin, train_steps
+from nanopeft.reference import peft_params, peft_twin, quantized_bases, train_steps
 from peft.optimizers import create_loraplus_optimizer as peft_loraplus
 
 
@@ -48,10 +45,8 @@ def test_groups_equal_peft(method, make, weight_decay):
 
 def test_groups_equal_peft_on_a_4bit_base():
     base = tiny_llama()
-    ours_base = copy.deepcopy(base)
-    quantize_model(ours_base, double_quant=False)
-    ours, theirs = peft_twin(ours_base, method="lora", targets="all-linear",
-                             peft_base=bnb_quantize(copy.deepcopy(base), double_quant=False))
+    ours_base, theirs_base = quantized_bases(base, double_quant=False)
+    ours, theirs = peft_twin(ours_base, method="lora", targets="all-linear", peft_base=theirs_base)
     opt = create_loraplus_optimizer(ours, torch.optim.AdamW, lr=1e-3, ratio=8)
     ref = peft_loraplus(theirs, torch.optim.AdamW, lr=1e-3, loraplus_lr_ratio=8)
     our_names = {id(p): n for n, p in ours.named_parameters()}

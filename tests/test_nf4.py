@@ -16,7 +16,7 @@ from nanopeft.models import tiny_llama
 from nanopeft.nf4 import (LinearNF4, NF4Tensor, dequantize_blockwise, dequantize_nf4, dynamic_code, fp4_code,
                           merge_quantized, nf4_code, pack, prepare_for_kbit_training, quantize_model, quantize_nf4,
                           unpack)
-from nanopeft.reference import bnb_quantize, compare_with_peft, copy_bnb_state, nf4_from_bnb, peft_twin
+from nanopeft.reference import compare_with_peft, copy_bnb_state, nf4_from_bnb, peft_twin, quantized_bases
 
 CPU = torch.device("cpu")
 
@@ -248,10 +248,7 @@ def test_linear_nf4_keeps_no_full_weight_for_backward():
 @pytest.mark.parametrize("method", ["lora", "dora"])
 @pytest.mark.parametrize("double_quant", [False, True])
 def test_qlora_matches_peft_on_bitsandbytes(method, double_quant):
-    base = tiny_llama()
-    ours_base = copy.deepcopy(base)
-    quantize_model(ours_base, double_quant=double_quant)
-    theirs_base = bnb_quantize(copy.deepcopy(base), double_quant=double_quant)
+    ours_base, theirs_base = quantized_bases(tiny_llama(), double_quant=double_quant)
     if double_quant:  # load bitsandbytes' stored state into ours, so the comparison is of everything after it
         assert copy_bnb_state(ours_base, theirs_base) == 14
     ours, theirs = peft_twin(ours_base, method=method, targets="all-linear", dropout=0.1, peft_base=theirs_base)

@@ -26,6 +26,11 @@ def adapter_layers(model: nn.Module) -> dict:
     return {name: m for name, m in model.named_modules() if isinstance(m, LoRALinear)}
 
 
+def path_matches(name: str, target: str) -> bool:
+    """peft's rule: a module path matches a name if it is the name or ends in "." + name."""
+    return name == target or name.endswith("." + target)
+
+
 def find_targets(model: nn.Module, targets) -> list:
     """The module paths that `targets` names, checked: every name must match, and every match must be a Linear.
 
@@ -49,17 +54,14 @@ def find_targets(model: nn.Module, targets) -> list:
             raise ValueError(f"'all-linear' found no nn.Linear layers in {type(model).__name__}.")
         return found
 
-    def matches(name, target):
-        return name == target or name.endswith("." + target)
-
-    unmatched = [t for t in targets if not any(matches(n, t) for n in modules)]
+    unmatched = [t for t in targets if not any(path_matches(n, t) for n in modules)]
     if unmatched:
         leaves = sorted({n.rsplit(".", 1)[-1] for n, m in modules.items() if isinstance(m, LINEAR_TYPES)})
         raise ValueError(
             f"Target name(s) {unmatched} match no module in {type(model).__name__}. Linear layers it has: {leaves}."
         )
     # in named_modules() order, the order peft creates (and draws random numbers for) its layers
-    found = [n for n in modules if any(matches(n, t) for t in targets)]
+    found = [n for n in modules if any(path_matches(n, t) for t in targets)]
     for name in found:
         if isinstance(modules[name], LoRALinear):
             raise ValueError(f"{name} already has an adapter: call remove_adapters(model) before adding new ones.")

@@ -375,7 +375,7 @@ def quantize_model(model: nn.Module, skip=("lm_head",), blocksize: int = 64, dou
 
     Everything is checked before the first layer changes, so an error leaves the model as it was.
     """
-    from .adapters import _set_module, adapter_layers
+    from .adapters import _set_module, adapter_layers, path_matches
 
     if any(isinstance(m, LinearNF4) for m in model.modules()):
         raise ValueError("This model is already quantized (it has LinearNF4 layers): quantizing twice would round "
@@ -385,7 +385,7 @@ def quantize_model(model: nn.Module, skip=("lm_head",), blocksize: int = 64, dou
                          "and remove them (remove_adapters(model, merge=True)) before quantizing.")
     skip = (skip,) if isinstance(skip, str) else tuple(skip)
     names = [n for n, m in model.named_modules() if isinstance(m, nn.Linear)
-             and not any(n == s or n.endswith("." + s) for s in skip)]
+             and not any(path_matches(n, s) for s in skip)]
     if not names:
         raise ValueError(f"No nn.Linear layers to quantize in {type(model).__name__} (skip={skip}).")
     modules = dict(model.named_modules())

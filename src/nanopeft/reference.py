@@ -31,10 +31,10 @@ def bnb_quantize(model, double_quant: bool = True, compute_dtype=None, skip=("lm
     import bitsandbytes as bnb
     from torch import nn
 
-    from .adapters import _set_module
+    from .adapters import _set_module, path_matches
 
     names = [n for n, m in model.named_modules() if isinstance(m, nn.Linear)
-             and not any(n == s or n.endswith("." + s) for s in skip)]
+             and not any(path_matches(n, s) for s in skip)]
     for name in names:
         lin = model.get_submodule(name)
         layer = bnb.nn.Linear4bit(lin.in_features, lin.out_features, bias=lin.bias is not None,
@@ -45,6 +45,16 @@ def bnb_quantize(model, double_quant: bool = True, compute_dtype=None, skip=("lm
             layer.bias = nn.Parameter(lin.bias.data.clone(), requires_grad=False)
         _set_module(model, name, layer.to(lin.weight.device))  # moving a Params4bit to a device quantizes it
     return model
+
+
+def quantized_bases(base, double_quant: bool = False):
+    """(ours, bitsandbytes'): copies of `base` quantized by `nanopeft.nf4.quantize_model` and by `bnb_quantize`,
+    the two bases of a QLoRA comparison (`peft_twin(ours, ..., peft_base=theirs)`)."""
+    from .nf4 import quantize_model
+
+    ours = copy.deepcopy(base)
+    quantize_model(ours, double_quant=double_quant)
+    return ours, bnb_quantize(copy.deepcopy(base), double_quant=double_quant)
 
 
 def peft_twin(base, method: str = "lora", seed: int = 0, r: int = 8, alpha: float = 16, targets=("q_proj", "v_proj"),
@@ -131,7 +141,7 @@ def verification_table(seed: int = 0) -> list:
 
     from .loraplus import create_loraplus_optimizer
     from .models import tiny_llama
-    from .nf4 import dequantize_nf4, quantize_model, quantize_nf4
+    from .nf4 import dequantize_nf4, quantize_nf4
 
     ids = torch.randint(0, 256, (2, 16), generator=torch.Generator().manual_seed(seed))
     rows = []
@@ -152,10 +162,7 @@ def verification_table(seed: int = 0) -> list:
         (dequantize_nf4(q) - bf.dequantize_4bit(packed, state)).abs().max().item())
 
     for method in ("lora", "dora"):
-        base = tiny_llama()
-        ours_base = copy.deepcopy(base)
-        quantize_model(ours_base, double_quant=False)
-        theirs_base = bnb_quantize(copy.deepcopy(base), double_quant=False)
+        ours_base, theirs_base = quantized_bases(tiny_llama(), double_quant=False)
         d = compare_with_peft(*peft_twin(ours_base, method=method, targets="all-linear", dropout=0.1,
                                          peft_base=theirs_base), ids)
         row("q" + method, "peft + bitsandbytes", "logits, grads on an NF4 base", max(d.values()))
