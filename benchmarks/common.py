@@ -32,7 +32,7 @@ def setup(args):
     """(base model, batch, description) on args.device in args.dtype."""
     device, dtype = torch.device(args.device), getattr(torch, args.dtype)
     if args.random:
-        from nanopeft.models import smollm2_shaped
+        from nanopeft.lab.models import smollm2_shaped
 
         base = smollm2_shaped()
         g = torch.Generator().manual_seed(0)
@@ -41,9 +41,9 @@ def setup(args):
         labels[:, -2:] = ids[:, -2:]  # a two-token answer at the end, as in the ticket task
         batch = {"input_ids": ids, "attention_mask": torch.ones_like(ids), "labels": labels, "keep": 3}
     else:
-        from nanopeft.data import load_task
-        from nanopeft.models import load_base_model
-        from nanopeft.train import encode
+        from nanopeft.lab.data import load_task
+        from nanopeft.lab.models import load_base_model
+        from nanopeft.lab.train import encode
 
         base, tok = load_base_model()
         batch = encode(tok, load_task().train[: args.batch_size])
@@ -73,7 +73,7 @@ def peft_model(base, method, r):
 
 def step(model, batch, device):
     """One forward + backward: (seconds, bytes saved for backward, CUDA peak bytes or None)."""
-    from nanopeft.train import forward_backward
+    from nanopeft.lab.train import forward_backward
 
     if device.type == "cuda":
         torch.cuda.synchronize(device)

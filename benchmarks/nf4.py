@@ -106,7 +106,7 @@ def model_tensor_bytes(model, optimizer):
 
 
 def qlora_step(models, batch, steps):
-    from nanopeft.train import forward_backward
+    from nanopeft.lab.train import forward_backward
 
     print(f"\n2. QLoRA step (all linear layers, r=8, batch {tuple(batch['input_ids'].shape)}), {steps} interleaved "
           f"steps each after one warm-up")
@@ -150,10 +150,10 @@ def main():
     from transformers import AutoModelForCausalLM, BitsAndBytesConfig
 
     from nanopeft import add_adapters
-    from nanopeft.data import load_task
-    from nanopeft.models import bundled_model_folder, load_base_model
-    from nanopeft.nf4 import prepare_for_kbit_training, quantize_model
-    from nanopeft.train import encode
+    from nanopeft.lab.data import load_task
+    from nanopeft.lab.models import bundled_model_folder, load_base_model
+    from nanopeft.qlora import prepare_for_kbit_training, quantize_model
+    from nanopeft.lab.train import encode
 
     print(f"torch {torch.__version__}, bitsandbytes {bitsandbytes.__version__}, peft {peft.__version__}, "
           f"transformers {transformers.__version__}; CPU, {torch.get_num_threads()} threads\n")

@@ -10,7 +10,7 @@ os.environ.setdefault("HF_HUB_OFFLINE", "1")  # tests never reach for the hub
 @pytest.fixture(scope="session")
 def smollm():
     """The bundled SmolLM2-135M-Instruct and its tokenizer, loaded once (from the cache after the first time)."""
-    from nanopeft.models import load_base_model
+    from nanopeft.lab.models import load_base_model
 
     return load_base_model()
 

@@ -1,7 +1,7 @@
 import pytest
 
-from nanopeft import data
-from nanopeft.data import CATEGORIES, TEMPLATES, TRAIN_TEMPLATES, Example, check_examples, generate, load_task
+from nanopeft.lab import data
+from nanopeft.lab.data import SPLITS, TEAMS, TEMPLATES, Example, check_examples, generate, load_task
 
 
 def test_generator_is_deterministic_under_a_seed():
@@ -10,11 +10,13 @@ def test_generator_is_deterministic_under_a_seed():
     assert load_task() == load_task()
 
 
-def test_every_category_is_present_in_both_splits():
+def test_every_team_is_present_in_every_split_in_equal_numbers():
     task = load_task()
-    assert len(CATEGORIES) >= 5
-    assert {ex.label for ex in task.train} == set(CATEGORIES)
-    assert {ex.label for ex in task.test} == set(CATEGORIES)
+    assert len(TEAMS) >= 5
+    assert (len(task.train), len(task.validation), len(task.test)) == (240, 120, 300)
+    for split in (task.train, task.validation, task.test):
+        counts = {team: sum(ex.label == team for ex in split) for team in TEAMS}
+        assert len(set(counts.values())) == 1, counts
 
 
 def _core(template):
@@ -24,17 +26,19 @@ def _core(template):
     return [piece.strip() for piece in re.split(r"\{[a-z]+\}", template) if len(piece.strip()) > 12]
 
 
-def test_no_test_phrasing_appears_in_training():
+@pytest.mark.parametrize("held_out", ["test", "validation"])
+def test_no_held_out_phrasing_appears_in_another_split(held_out):
     task = load_task()
-    train_text = "\n".join(ex.text.lower() for ex in task.train)
-    test_text = "\n".join(ex.text.lower() for ex in task.test)
+    texts = {split: "\n".join(ex.text.lower() for ex in getattr(task, split)) for split in SPLITS}
     for label, templates in TEMPLATES.items():
-        for template in templates[TRAIN_TEMPLATES:]:
+        for template in templates[SPLITS[held_out]]:
             for piece in _core(template):
-                assert piece.lower() not in train_text, (label, piece)
-    # ...and the held-out phrasings are really used in the test split
-    used = sum(any(p.lower() in test_text for p in _core(t)) for ts in TEMPLATES.values() for t in ts[TRAIN_TEMPLATES:])
-    assert used >= 0.8 * sum(len(ts) - TRAIN_TEMPLATES for ts in TEMPLATES.values())
+                for other in set(SPLITS) - {held_out}:
+                    assert piece.lower() not in texts[other], (label, piece, other)
+    # ...and the held-out phrasings are really used in their split
+    mine = [t for ts in TEMPLATES.values() for t in ts[SPLITS[held_out]]]
+    used = sum(any(p.lower() in texts[held_out] for p in _core(t)) for t in mine)
+    assert used >= 0.8 * len(mine)
 
 
 def test_tickets_look_like_tickets():
@@ -47,7 +51,7 @@ def test_tickets_look_like_tickets():
 @pytest.mark.parametrize("bad, error", [
     ([], "empty"),
     (None, "empty"),
-    (["just a string"], "not nanopeft.data.Example"),
+    (["just a string"], "not nanopeft.lab.data.Example"),
     ([Example("hello", "sales")], "not one of"),
     ([Example("   ", "billing")], "empty ticket"),
 ])

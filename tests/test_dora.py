@@ -9,8 +9,9 @@ from peft import PeftModel
 
 from nanopeft import (DoRALinear, LoRALinear, add_adapters, adapter_layers, load_adapter, merge_adapters,
                       save_adapter, unmerge_adapters)
-from nanopeft.analysis import WeightRecorder, magnitude_direction_change
-from nanopeft.models import tiny_llama, tiny_qwen2
+from nanopeft.lab.analysis import WeightRecorder, magnitude_direction_change
+from nanopeft.lab.models import tiny_llama, tiny_qwen2
+from nanopeft.lab.twins import replay_peft_init
 from twins import assert_matches_peft, peft_params, twin_models
 
 
@@ -39,8 +40,8 @@ def test_magnitude_starts_at_the_row_norms_of_W0_like_peft(dtype):
         assert layer.magnitude.shape == (w0.shape[0],)  # one per output neuron (row), not per input column
         assert layer.magnitude.dtype == torch.float32  # trainable parameters stay fp32 on a half-precision base
         torch.testing.assert_close(layer.magnitude, w0.float().norm(dim=1), rtol=1e-2, atol=0)
-    torch.manual_seed(0)
     fresh = add_adapters(copy.deepcopy(base), method="dora", targets=("q_proj", "v_proj"))
+    replay_peft_init(fresh, seed=0)
     from peft import LoraConfig, get_peft_model
     torch.manual_seed(0)
     ref = get_peft_model(copy.deepcopy(base), LoraConfig(r=8, lora_alpha=16, target_modules=["q_proj", "v_proj"],
@@ -200,7 +201,7 @@ def test_weight_recorder_snapshots_the_chosen_steps():
 
 
 def test_train_only_trains_exactly_the_target_weights():
-    from nanopeft.adapters import train_only
+    from nanopeft.lab.experiments import train_only
 
     model = train_only(tiny_qwen2(), ("q_proj", "v_proj"))
     trainable = {n for n, p in model.named_parameters() if p.requires_grad}
@@ -210,7 +211,7 @@ def test_train_only_trains_exactly_the_target_weights():
 
 
 def test_slope_sign_and_value():
-    from nanopeft.analysis import slope
+    from nanopeft.lab.analysis import slope
 
     assert slope([0.0, 1.0, 2.0], [1.0, 3.0, 5.0]) == pytest.approx(2.0)
     assert slope([0.0, 1.0, 2.0, 3.0], [3.0, 2.0, 1.5, 0.0]) < 0
@@ -218,9 +219,9 @@ def test_slope_sign_and_value():
 
 @pytest.mark.slow
 def test_dora_study_records_every_target_layer_for_each_method():
-    from nanopeft.analysis import dora_study
+    from nanopeft.lab.experiments import dora_study
 
-    result = dora_study(steps=2, checkpoints=[1, 2], evaluate_accuracy=False, neuron_layers=(0,), progress=False)
+    result = dora_study(steps=2, seeds=[0], checkpoints=[1, 2], neuron_layers=(0,), progress=False)
     assert [r["method"] for r in result["runs"]] == ["full", "lora", "dora"]
     for run in result["runs"]:
         assert len(run["changes"]) == 60 and all(set(v) == {1, 2} for v in run["changes"].values())
@@ -231,7 +232,7 @@ def test_dora_study_records_every_target_layer_for_each_method():
 
 
 def test_demo_verification_table_passes():
-    from nanopeft.reference import verification_table
+    from nanopeft.lab.verify import verification_table
 
     rows = verification_table()
     assert [r[0] for r in rows] == ["lora", "dora", "nf4", "nf4", "qlora", "qdora", "lora+"]

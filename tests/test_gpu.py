@@ -5,15 +5,17 @@ import pytest
 import torch
 
 from nanopeft import adapter_layers, add_adapters, merge_adapters
-from nanopeft.memory import MemoryMeter, pick_compute_dtype
-from nanopeft.models import tiny_llama
+from nanopeft.lab.device import pick_dtype
+from nanopeft.lab.memory import MemoryMeter
+from nanopeft.lab.models import tiny_llama
+from nanopeft.lab.twins import replay_peft_init
 
 pytestmark = pytest.mark.gpu
 
 
 def test_compute_dtype_matches_the_hardware():
     major, _ = torch.cuda.get_device_capability()
-    assert pick_compute_dtype("cuda") == (torch.bfloat16 if major >= 8 else torch.float16)
+    assert pick_dtype("cuda", verbose=False) == (torch.bfloat16 if major >= 8 else torch.float16)
 
 
 def test_meter_reports_cuda_peaks_and_activations():
@@ -35,8 +37,8 @@ def test_lora_and_dora_match_peft_on_cuda(dtype, method):
     from peft import LoraConfig, get_peft_model
 
     base = tiny_llama().to("cuda", dtype)
-    torch.manual_seed(0)
     ours = add_adapters(copy.deepcopy(base), method=method, r=8, alpha=16, targets="all-linear", dropout=0.1)
+    replay_peft_init(ours, seed=0)
     torch.manual_seed(0)
     theirs = get_peft_model(copy.deepcopy(base), LoraConfig(r=8, lora_alpha=16, target_modules="all-linear",
                                                             lora_dropout=0.1, use_dora=method == "dora"))

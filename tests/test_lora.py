@@ -9,7 +9,7 @@ from torch import nn
 
 from nanopeft import (add_adapters, adapter_layers, load_adapter, merge_adapters, remove_adapters,
                       save_adapter, trainable_parameters, unmerge_adapters)
-from nanopeft.models import tiny_llama, tiny_qwen2
+from nanopeft.lab.models import tiny_llama, tiny_qwen2
 
 from twins import TARGETS, assert_matches_peft, peft_layer, twin_models
 
@@ -73,7 +73,7 @@ def test_seeded_init_replays_peft_bit_for_bit():
         assert torch.equal(layer.lora_A, peft_layer(theirs, path).lora_A["default"].weight), path
     # the plain draw uses the same distribution but not peft's numbers: replaying the order is what matters
     torch.manual_seed(0)
-    plain = add_adapters(tiny_llama(), targets=TARGETS, init="kaiming")
+    plain = add_adapters(tiny_llama(), targets=TARGETS)
     first = next(iter(adapter_layers(plain)))
     assert not torch.equal(adapter_layers(plain)[first].lora_A, peft_layer(theirs, first).lora_A["default"].weight)
 
@@ -215,11 +215,20 @@ def assert_unchanged(model, snap):
     (dict(r=65), "r=65 is larger than this layer allows"),
     (dict(alpha=0), "alpha must be a positive number"),
     (dict(alpha=-1.0), "alpha must be a positive number"),
-    (dict(dropout=1.0), "dropout must be in"),
+    (dict(dropout=1.0), "dropout must be a number in"),
     (dict(targets=("q_proj", "qproj")), r"\['qproj'\] match no module"),
-    (dict(targets=("mlp",)), "is a LlamaMLP, not an nn.Linear"),
-    (dict(targets=()), "targets is empty"),
+    (dict(targets=("mlp",)), "is a LlamaMLP, which LoRA cannot wrap here: it contains linear layers"),
+    (dict(targets=()), "targets must name the layers"),
+    (dict(targets="q_proj"), "regular expression .* matches no full module path"),
     (dict(method="ia3"), "Unknown method"),
+    (dict(target_modules=["q_proj"]), "target_modules .peft's name; nanopeft calls it targets"),
+    (dict(lora_alpha=16), "lora_alpha .peft's name"),
+    (dict(use_dora=True), "use_dora .peft's name"),
+    (dict(bias="all"), "unknown keyword.*bias"),
+    (dict(modules_to_save=["nonexistent"]), "modules_to_save names 'nonexistent'"),
+    (dict(detach_norm=False), "DoRA's options"),
+    (dict(layers_to_transform=[7]), r"No target lies in layers \[7\]"),
+    (dict(layers_to_transform=["0"]), "layers_to_transform must be a list of layer indices"),
 ])
 def test_bad_add_adapters_arguments_leave_the_model_unchanged(kwargs, error):
     model = tiny_llama()

@@ -5,8 +5,8 @@ import torch
 
 from nanopeft import add_adapters, adapter_layers
 from nanopeft.loraplus import create_loraplus_optimizer, loraplus_param_groups
-from nanopeft.models import tiny_llama, tiny_qwen2
-from nanopeft.reference import peft_params, peft_twin, quantized_bases, train_steps
+from nanopeft.lab.models import tiny_llama, tiny_qwen2
+from nanopeft.lab.twins import peft_params, peft_twin, quantized_bases, train_steps
 from peft.optimizers import create_loraplus_optimizer as peft_loraplus
 
 

@@ -1,11 +1,12 @@
 import pytest
 import torch
 
-from nanopeft import memory
-from nanopeft.data import Example, load_task
-from nanopeft.memory import MemoryMeter, pick_compute_dtype, tensor_breakdown
-from nanopeft.models import tiny_llama
-from nanopeft.train import IGNORE_INDEX, encode, summarize, train
+from nanopeft.lab import memory
+from nanopeft.lab.data import Example, load_task
+from nanopeft.lab.device import pick_dtype
+from nanopeft.lab.memory import MemoryMeter, tensor_breakdown
+from nanopeft.lab.models import tiny_llama
+from nanopeft.lab.train import IGNORE_INDEX, encode, summarize, train
 
 
 def test_breakdown_equals_bytes_by_hand_for_adamw():
@@ -43,7 +44,7 @@ def test_meter_sees_a_large_cpu_allocation():
 
     code = """
 import torch
-from nanopeft.memory import MemoryMeter
+from nanopeft.lab.memory import MemoryMeter
 with MemoryMeter(interval=0.001) as meter:
     block = torch.ones(64, 2**20)  # 256 MiB, written, so it is resident
     block += 1
@@ -56,7 +57,7 @@ print(r["process rss peak"] - r["process rss at start"])
 
 
 def test_compute_dtype_on_cpu_is_float32():
-    assert pick_compute_dtype("cpu", verbose=False) == torch.float32
+    assert pick_dtype("cpu", verbose=False) == torch.float32
 
 
 @pytest.mark.parametrize("capability, expected", [((7, 5), torch.float16), ((8, 0), torch.bfloat16),
@@ -65,7 +66,7 @@ def test_compute_dtype_follows_compute_capability_not_is_bf16_supported(monkeypa
     # On a T4 (7.5) torch.cuda.is_bf16_supported() says True; we must still pick fp16 there.
     monkeypatch.setattr(torch.cuda, "get_device_capability", lambda device=None: capability)
     monkeypatch.setattr(torch.cuda, "is_bf16_supported", lambda *a, **k: True)
-    assert pick_compute_dtype(torch.device("cuda"), verbose=False) == expected
+    assert pick_dtype(torch.device("cuda"), verbose=False) == expected
 
 
 @pytest.mark.gpu
@@ -101,7 +102,7 @@ def test_encode_masks_the_prompt_out_of_the_loss(tokenizer):
 
 @pytest.mark.slow
 def test_loss_on_kept_logits_equals_loss_on_all_logits(tokenizer, tiny_chat):
-    from nanopeft.train import answer_loss
+    from nanopeft.lab.train import answer_loss
 
     batch = encode(tokenizer, load_task().train[:6])
     full = tiny_chat(input_ids=batch["input_ids"], attention_mask=batch["attention_mask"]).logits  # (B, T, V)
@@ -136,7 +137,7 @@ def test_train_lowers_the_loss_and_changes_only_trainable_weights(tokenizer, tin
     (dict(steps=0), "steps must be a positive integer"),
     (dict(steps=2.5), "steps must be a positive integer"),
     (dict(examples=[]), "empty"),
-    (dict(examples=[("text", "billing")]), "not nanopeft.data.Example"),
+    (dict(examples=[("text", "billing")]), "not nanopeft.lab.data.Example"),
 ])
 def test_train_rejects_bad_input(tokenizer, tiny_chat, kwargs, error):
     opt = torch.optim.SGD(tiny_chat.parameters(), lr=0.1)
@@ -153,14 +154,16 @@ def test_train_rejects_a_model_with_nothing_trainable(tokenizer, tiny_chat):
 
 
 def test_live_display_prints_text_outside_a_notebook(capsys):
-    display = memory.LiveDisplay("t", widgets=False)
+    from nanopeft.lab.live import LiveDisplay
+
+    display = LiveDisplay("t", widgets=False)
     display({"step": 1, "loss": 1.5, "step_time": 0.1, "last": True,
-             "memory": {"peak": 2**20, "kind": "cpu rss", **dict.fromkeys(memory.CATEGORIES, 1024)}})
+             "memory": {"peak": 2**20, "kind": "cpu rss", **dict.fromkeys(memory.COUNTED + ("activations",), 1024)}})
     assert "step    1  loss 1.5000" in capsys.readouterr().out
 
 
 def test_saved_tensors_counts_activations_not_parameters():
-    from nanopeft.memory import SavedTensors
+    from nanopeft.lab.memory import SavedTensors
 
     layer = torch.nn.Linear(64, 32)
     x = torch.randn(8, 64, requires_grad=True)

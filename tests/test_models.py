@@ -4,8 +4,8 @@ import pytest
 import torch
 from torch import nn
 
-from nanopeft import models
-from nanopeft.models import ModelNotAvailableError, load_base_model, tiny_llama, tiny_qwen2
+from nanopeft.lab import models
+from nanopeft.lab.models import ModelNotAvailableError, load_base_model, tiny_llama, tiny_qwen2
 
 
 def test_tiny_llama_is_small_and_every_linear_a_multiple_of_64():

@@ -12,11 +12,11 @@ from hypothesis import strategies as st
 from torch import nn
 
 from nanopeft import add_adapters, adapter_layers, merge_adapters, remove_adapters
-from nanopeft.models import tiny_llama
+from nanopeft.lab.models import tiny_llama
 from nanopeft.nf4 import (LinearNF4, NF4Tensor, dequantize_blockwise, dequantize_nf4, dynamic_code, fp4_code,
-                          merge_quantized, nf4_code, pack, prepare_for_kbit_training, quantize_model, quantize_nf4,
-                          unpack)
-from nanopeft.reference import compare_with_peft, copy_bnb_state, nf4_from_bnb, peft_twin, quantized_bases
+                          nf4_code, pack, quantize_nf4, unpack)
+from nanopeft.qlora import merge_quantized, prepare_for_kbit_training, quantize_model
+from nanopeft.lab.twins import compare_with_peft, copy_bnb_state, nf4_from_bnb, peft_twin, quantized_bases
 
 CPU = torch.device("cpu")
 
@@ -235,7 +235,7 @@ def test_linear_nf4_equals_bnb_linear4bit(compute_dtype, double_quant, bias):
 
 
 def test_linear_nf4_keeps_no_full_weight_for_backward():
-    from nanopeft.memory import SavedTensors
+    from nanopeft.lab.memory import SavedTensors
 
     layer = LinearNF4.from_linear(nn.Linear(256, 256, bias=False))
     x = torch.randn(4, 256, requires_grad=True)

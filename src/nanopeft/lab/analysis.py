@@ -16,7 +16,7 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
-from .adapters import adapter_layers
+from ..adapters import adapter_layers
 
 
 def per_neuron_change(W0: torch.Tensor, W: torch.Tensor) -> tuple:
@@ -83,57 +83,3 @@ def slope(dM, dD) -> float:
     x, y = torch.tensor(dM, dtype=torch.float64), torch.tensor(dD, dtype=torch.float64)
     x = x - x.mean()
     return float((x * (y - y.mean())).sum() / (x * x).sum())
-
-
-def dora_study(methods=("full", "lora", "dora"), seeds=(0,), steps: int = 40, checkpoints=None,
-               targets=("q_proj", "v_proj"), r: int = 8, lr=None, batch_size: int = 4, neuron_layers=(0, 10, 20, 29),
-               progress=None, evaluate_accuracy: bool = True) -> dict:
-    """Train each method on the ticket task with the same budget and record how the target weights move.
-
-    Returns a JSON-ready dict: for every (method, seed) the test accuracy, mean step time, loss curve, dM and dD of
-    every target layer at each checkpoint, and per-neuron changes for the layers in `neuron_layers`.
-    full = full fine-tuning of the same target matrices (the paper's FT); lora and dora with rank r, alpha = 2r.
-    """
-    from .adapters import add_adapters, find_targets, train_only
-    from .data import evaluate, load_task
-    from .models import load_base_model
-    from .train import summarize, train
-
-    lr = {"full": 1e-4, "lora": 2e-3, "dora": 2e-3, **(lr or {})}
-    checkpoints = list(checkpoints or sorted({max(1, steps // 4), steps // 2, 3 * steps // 4, steps}))
-    task = load_task()
-    runs, seeds = [], list(seeds)
-    for seed in seeds:
-        for method in methods:
-            model, tok = load_base_model()
-            torch.manual_seed(seed)
-            if method == "full":
-                layers = find_targets(model, targets)
-                train_only(model, targets)
-            else:
-                add_adapters(model, method=method, r=r, alpha=2 * r, targets=targets)
-                layers = list(adapter_layers(model))
-            recorder = WeightRecorder(model, layers=layers, steps=checkpoints)
-            optimizer = torch.optim.AdamW([p for p in model.parameters() if p.requires_grad], lr=lr[method])
-            history = train(model, tok, task.train, steps, optimizer, batch_size=batch_size, seed=seed,
-                            callback=recorder, progress=progress, desc=f"{method} seed {seed}")
-            changes = {}
-            for (layer, step), (dM, dD) in recorder.changes().items():
-                changes.setdefault(layer, {})[step] = [dM, dD]
-            neurons = {}
-            for layer in layers:
-                index = int(layer.split(".layers.")[1].split(".")[0]) if ".layers." in layer else -1
-                if index in neuron_layers and seed == seeds[0]:  # per-neuron data for the first seed only
-                    neurons[layer] = {step: [[float(f"{v:.4g}") for v in t.tolist()]
-                                             for t in per_neuron_change(recorder.snapshots[0][layer], snap[layer])]
-                                      for step, snap in recorder.snapshots.items() if step}
-            s = summarize(history)
-            runs.append({
-                "method": method, "seed": seed, "lr": lr[method],
-                "accuracy": evaluate(model, tok, task.test) if evaluate_accuracy else None,
-                "mean_step_time": s["mean step time"], "peak_memory": s["peak memory"],
-                "loss": [h["loss"] for h in history], "changes": changes, "neurons": neurons,
-            })
-            del model, recorder
-    return {"config": {"methods": list(methods), "seeds": list(seeds), "steps": steps, "checkpoints": checkpoints,
-                       "targets": list(targets), "r": r, "lr": lr, "batch_size": batch_size}, "runs": runs}

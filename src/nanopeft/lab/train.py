@@ -7,24 +7,26 @@ Whatever is trainable (LoRA's A and B, DoRA's magnitude, or whole matrices for f
     2. tokenise prompt + answer; the labels are -100 on the prompt and padding, so the loss is only the answer,
     3. forward, cross-entropy on the answer tokens, backward, optimizer step,
     4. record loss, step time and memory, and hand the record to `callback` (e.g. `LiveDisplay`).
+
+On a float16 base (what a T4 computes in) the loss is scaled before the backward: float16 cannot hold numbers
+below about 6e-8, so small gradients flowing back through the half-precision layers would round to zero. A
+`GradScaler` multiplies the loss by a large factor (2^16 to start), divides the float32 adapter gradients by it
+before the step, and skips a step (halving the factor) whenever a gradient overflowed. bfloat16 has float32's
+range and needs none of this.
 """
 from __future__ import annotations
 
-import os
 import random
 import time
 
 import torch
+from tqdm.auto import tqdm
 
 from .data import answer_text, check_examples, prompt_text
-from .memory import MemoryMeter
+from .device import show_progress
+from .memory import MemoryMeter, SavedTensors
 
 IGNORE_INDEX = -100  # the label PyTorch's cross-entropy skips
-
-
-def quiet() -> bool:
-    """Progress bars off in CI (CI is set) or when NANOPEFT_QUIET=1."""
-    return bool(os.environ.get("CI")) or os.environ.get("NANOPEFT_QUIET") == "1"
 
 
 def encode(tokenizer, examples, device=None) -> dict:
@@ -88,8 +90,8 @@ def train(model, tokenizer, examples, steps: int, optimizer, batch_size: int = 8
 
     schedule: warm up and then decay the optimizer's learning rates (`warmup_linear_decay`); False keeps them fixed.
 
-    Each record: `step`, `loss`, `step_time` (seconds, forward + backward + optimizer step), and `memory`
-    (bytes per category from `memory.tensor_breakdown`, and the peak so far: CUDA allocated or CPU RSS).
+    Each record: `step`, `loss`, `step_time` (seconds, forward + backward + optimizer step), `lr`, and `memory`
+    (bytes per counted part, the activations saved for the step, and the device's peaks: `MemoryMeter.step`).
     """
     examples = check_examples(examples)
     if not isinstance(steps, int) or steps < 1:
@@ -106,16 +108,22 @@ def train(model, tokenizer, examples, steps: int, optimizer, batch_size: int = 8
     if not any(id(p) in in_optimizer for p in trainable):
         raise ValueError("The optimizer holds none of the model's trainable parameters: build it after adding "
                          "adapters, from the model's trainable parameters.")
-
-    from tqdm.auto import tqdm
+    half = [p for p in trainable if p.dtype == torch.float16]
+    if half:
+        raise ValueError(f"{len(half)} trainable tensors are float16: updates smaller than their rounding would be "
+                         f"lost, and the loss scaler refuses them. Keep trainable weights in float32 (adapters are); "
+                         f"for full fine-tuning, load the model in float32 or bfloat16.")
 
     device = next(model.parameters()).device
+    # loss scaling only where the frozen base computes in float16 (see the module docstring)
+    fp16 = any(p.dtype == torch.float16 for p in model.parameters())
+    scaler = torch.amp.GradScaler(device.type, enabled=fp16)
     rng = random.Random(seed)
     order, cursor = [], 0
     history = []
     model.train()
     scheduler = warmup_linear_decay(optimizer, steps) if schedule else None
-    bar = tqdm(range(1, steps + 1), desc=desc, disable=quiet() if progress is None else not progress)
+    bar = tqdm(range(1, steps + 1), desc=desc, disable=not show_progress() if progress is None else not progress)
     with MemoryMeter(model, optimizer, device) as meter:
         for step in bar:
             # 1. next batch, reshuffling at the start of every pass over the data
@@ -131,14 +139,17 @@ def train(model, tokenizer, examples, steps: int, optimizer, batch_size: int = 8
             if device.type == "cuda":
                 torch.cuda.synchronize(device)
             start = time.perf_counter()
-            # 2-3. forward on the answer tokens only, backward, step
-            logits = model(input_ids=batch["input_ids"], attention_mask=batch["attention_mask"],
-                           logits_to_keep=batch["keep"]).logits  # (B, keep, V)
-            loss = answer_loss(logits, batch["labels"])
-            loss.backward()
+            # 2-3. forward on the answer tokens only (counting what autograd saves), backward, step
+            with SavedTensors(model) as saved:
+                logits = model(input_ids=batch["input_ids"], attention_mask=batch["attention_mask"],
+                               logits_to_keep=batch["keep"]).logits  # (B, keep, V)
+                loss = answer_loss(logits, batch["labels"])
+            scaler.scale(loss).backward()
             if max_grad_norm is not None:
+                scaler.unscale_(optimizer)  # clip the true gradients, not the scaled ones
                 torch.nn.utils.clip_grad_norm_(trainable, max_grad_norm)
-            optimizer.step()
+            scaler.step(optimizer)  # skipped if a gradient overflowed (float16 only)
+            scaler.update()
             if scheduler is not None:
                 scheduler.step()
             if device.type == "cuda":
@@ -147,7 +158,7 @@ def train(model, tokenizer, examples, steps: int, optimizer, batch_size: int = 8
 
             # 4. record, with the gradients still alive (that is when memory peaks)
             record = {"step": step, "loss": loss.item(), "step_time": step_time, "lr": optimizer.param_groups[0]["lr"],
-                      "memory": {**meter.sample(), **meter.current()}, "last": step == steps}
+                      "memory": meter.step(saved.nbytes), "last": step == steps}
             optimizer.zero_grad(set_to_none=True)
             history.append(record)
             bar.set_postfix(loss=f"{record['loss']:.3f}")
@@ -168,14 +179,13 @@ def summarize(history: list) -> dict:
         "mean step time": sum(steady) / len(steady),
         "peak memory": max(r["memory"]["peak"] for r in history),
         "peak memory kind": history[-1]["memory"]["kind"],
+        "activations": max(r["memory"]["activations"] for r in history),
     }
 
 
 def forward_backward(model, batch: dict):
     """One forward pass on the answer positions and one backward, as in `train`; returns (loss, the bytes autograd
     saved for the backward: the activations, counted exactly by `memory.SavedTensors`)."""
-    from .memory import SavedTensors
-
     with SavedTensors(model) as saved:
         logits = model(input_ids=batch["input_ids"], attention_mask=batch["attention_mask"],
                        logits_to_keep=batch["keep"]).logits

@@ -1,0 +1,1 @@
+"""The lab: what measures the methods. Nothing in the methods imports it."""

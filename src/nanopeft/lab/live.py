@@ -1,0 +1,103 @@
+"""The live training display: loss curve and memory by part, redrawn while a notebook trains.
+
+    history = train(..., callback=LiveDisplay("LoRA", every=5))
+
+In a notebook with ipywidgets it draws into one widget, updated every `every` steps, and when training ends leaves
+a static picture behind, so the executed notebook keeps the result. Elsewhere (a terminal, CI) it prints one text
+line every `every` steps. matplotlib and ipywidgets are imported only when a picture is drawn (optional libraries).
+"""
+from __future__ import annotations
+
+from .memory import COUNTED, fmt_bytes
+
+PARTS = COUNTED + ("activations",)
+PART_COLORS = {"frozen weights": "#9e9e9e", "trainable weights": "tab:green", "gradients": "tab:orange",
+          "optimizer state": "tab:red", "activations": "tab:blue"}
+
+
+def in_notebook() -> bool:
+    try:
+        from IPython import get_ipython
+    except ImportError:
+        return False
+    shell = get_ipython()
+    return shell is not None and type(shell).__name__ == "ZMQInteractiveShell"
+
+
+class LiveDisplay:
+    """A training callback: loss per step, and the memory of the latest step by part, with the device's peaks."""
+
+    def __init__(self, title: str = "training", every: int = 1, widgets: bool | None = None):
+        self.title, self.every = title, max(1, every)
+        self.widgets = in_notebook() if widgets is None else widgets
+        self.records = []
+        self._out = None
+        if self.widgets:
+            try:
+                import ipywidgets  # noqa: F401  (optional: the text line is the fallback)
+            except ImportError:
+                self.widgets = False
+
+    def __call__(self, record: dict):
+        self.records.append(record)
+        step = record["step"]
+        if step % self.every and not record.get("last"):
+            return
+        if self.widgets:
+            self._draw(final=record.get("last", False))
+        else:
+            print(self.line(record), flush=True)
+
+    def line(self, record: dict) -> str:
+        mem = record["memory"]
+        peaks = (f"CUDA allocated peak {fmt_bytes(mem['cuda allocated peak'])}, reserved "
+                 f"{fmt_bytes(mem['cuda reserved peak'])}" if "cuda allocated peak" in mem
+                 else f"RSS peak {fmt_bytes(mem['peak'])}")
+        return (f"[{self.title}] step {record['step']:4d}  loss {record['loss']:.4f}  {record['step_time']:.2f} s/step  "
+                f"trainable {fmt_bytes(mem['trainable weights'])}  grads {fmt_bytes(mem['gradients'])}  "
+                f"optimizer {fmt_bytes(mem['optimizer state'])}  activations {fmt_bytes(mem['activations'])}  {peaks}")
+
+    def figure(self):
+        """Loss per step, and the memory of the latest step by part (with the CUDA peaks where there are some)."""
+        import matplotlib.pyplot as plt
+
+        fig, (ax1, ax2) = plt.subplots(1, 2, figsize=(11, 3.2), gridspec_kw={"width_ratios": [1, 1.3]})
+        ax1.plot([r["step"] for r in self.records], [r["loss"] for r in self.records], color="tab:blue")
+        ax1.set(xlabel="step", ylabel="loss", title=f"{self.title}: training loss")
+        mem = self.records[-1]["memory"]
+        mib = 2 ** 20
+        left = 0.0
+        for part in PARTS:  # one stacked bar: each part a colour, the legend in the same order
+            ax2.barh(0, mem[part] / mib, left=left, color=PART_COLORS[part], label=f"{part} {fmt_bytes(mem[part])}")
+            left += mem[part] / mib
+        if "cuda allocated peak" in mem:
+            for key, style in (("cuda allocated peak", "-"), ("cuda reserved peak", "--")):
+                ax2.axvline(mem[key] / mib, color="black", ls=style, lw=1, label=f"{key} {fmt_bytes(mem[key])}")
+            where = "CUDA"
+        else:
+            ax2.axvline(mem["peak"] / mib, color="black", ls=":", lw=1,
+                        label=f"process RSS peak {fmt_bytes(mem['peak'])}")
+            where = "CPU"
+        ax2.set(xlabel="MiB", yticks=[], title=f"memory at step {self.records[-1]['step']} ({where})")
+        ax2.legend(fontsize=7, loc="upper center", bbox_to_anchor=(0.5, -0.28), ncol=3, frameon=False)
+        fig.tight_layout()
+        return fig
+
+    def _draw(self, final: bool):
+        import matplotlib.pyplot as plt
+        from IPython.display import display
+
+        if self._out is None:
+            import ipywidgets
+
+            self._out = ipywidgets.Output()
+            display(self._out)
+        fig = self.figure()
+        if final:  # leave a static picture behind in the saved notebook
+            self._out.close()
+            display(fig)
+        else:
+            with self._out:
+                self._out.clear_output(wait=True)
+                display(fig)
+        plt.close(fig)

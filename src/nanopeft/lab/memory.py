@@ -1,0 +1,208 @@
+"""Where the memory goes, measured: exact tensor accounting, activations, and the peaks of the device.
+
+Fine-tuning memory has four parts we can count exactly, because they are tensors we hold:
+    frozen weights    the base model (and buffers), never updated
+    trainable weights the adapters (or whatever requires grad)
+    gradients         one per trainable weight, same size
+    optimizer state   AdamW keeps two more (exp_avg, exp_avg_sq) per trainable weight
+and the activations: what autograd saves in the forward pass for the backward, counted exactly by hooking autograd
+(`SavedTensors`, any device). Beyond those, a device holds temporaries (freed as soon as an operation ends) and
+allocator slack. On CUDA the allocator reports its peak, so "activations and temporaries" is the peak minus the
+counted tensors; on a CPU we sample the process's resident memory (RSS), which also holds Python, the libraries
+and the allocator's caches, and report it as what it is: an upper bound, never the tensor total.
+"""
+from __future__ import annotations
+
+import os
+import threading
+
+import torch
+
+COUNTED = ("frozen weights", "trainable weights", "gradients", "optimizer state")  # the tensors we hold
+
+
+def _nbytes(t: torch.Tensor) -> int:
+    return t.numel() * t.element_size()
+
+
+def tensor_breakdown(model, optimizer=None) -> dict:
+    """Bytes held in each counted category (see the module docstring). Shared tensors (tied embeddings) count once.
+
+    Frozen weights include buffers. Optimizer state is every tensor in `optimizer.state` (AdamW: exp_avg,
+    exp_avg_sq and a 0-d `step` per parameter).
+    """
+    seen = set()
+    out = dict.fromkeys(COUNTED, 0)
+
+    def add(category, t):
+        key = (t.data_ptr(), t.shape, t.dtype) if t.numel() else id(t)
+        if key not in seen:
+            seen.add(key)
+            out[category] += _nbytes(t)
+
+    for p in model.parameters():
+        add("trainable weights" if p.requires_grad else "frozen weights", p)
+        if p.grad is not None:
+            add("gradients", p.grad)
+    for b in model.buffers():
+        add("frozen weights", b)
+    if optimizer is not None:
+        for state in optimizer.state.values():
+            for v in state.values():
+                if torch.is_tensor(v):
+                    add("optimizer state", v)
+    return out
+
+
+class SavedTensors:
+    """Count the bytes autograd saves for the backward pass inside a block: the activations, measured exactly.
+
+        with SavedTensors(model) as saved:
+            loss = model(ids).logits.sum()
+        saved.nbytes        # each saved storage counted once; `model`'s own parameters excluded
+
+    Works on every device (it hooks autograd, not the allocator). It counts what is saved when the forward runs,
+    including tensors of graph branches that are freed before the backward, so it is an upper bound on what the
+    backward pass finally keeps.
+    """
+
+    def __init__(self, model=None):
+        self.exclude = {p.untyped_storage().data_ptr() for p in model.parameters()} if model is not None else set()
+        self.storages = {}
+        self._hooks = torch.autograd.graph.saved_tensors_hooks(self._pack, lambda t: t)
+
+    def _pack(self, t):
+        ptr = t.untyped_storage().data_ptr()
+        if ptr not in self.exclude:
+            self.storages[ptr] = t.untyped_storage().nbytes()
+        return t
+
+    def __enter__(self):
+        self._hooks.__enter__()
+        return self
+
+    def __exit__(self, *exc):
+        self._hooks.__exit__(*exc)
+        return False
+
+    @property
+    def nbytes(self) -> int:
+        return sum(self.storages.values())
+
+
+def process_rss() -> int:
+    """Resident memory of this process, in bytes."""
+    try:
+        import psutil
+
+        return psutil.Process().memory_info().rss
+    except ImportError:  # Linux without psutil
+        with open("/proc/self/statm") as f:
+            return int(f.read().split()[1]) * os.sysconf("SC_PAGE_SIZE")
+
+
+class MemoryMeter:
+    """Peaks over a block of code, plus the exact tensor breakdown.
+
+        with MemoryMeter(model, optimizer) as meter:
+            ...train...               # the loop calls meter.step(activations) once per step
+        meter.report()                # dict: the largest of each category, and the device's peaks
+
+    On CUDA: the allocator's peak allocated and reserved bytes, over the block and for the last step. On a CPU: the
+    process's peak RSS, sampled every `interval` seconds by a background thread (it would only steal time from a
+    GPU loop, so none runs there).
+    """
+
+    def __init__(self, model=None, optimizer=None, device=None, interval: float = 0.02):
+        self.model, self.optimizer, self.interval = model, optimizer, interval
+        if device is None and model is not None:
+            device = next(model.parameters()).device
+        self.device = torch.device(device or "cpu")
+        self.cuda = self.device.type == "cuda"
+        self.peaks = dict.fromkeys(COUNTED + ("activations",), 0)
+        self._stop = threading.Event()
+        self._thread = None
+        self.rss_start = self.rss_peak = 0
+        self.cuda_peak_allocated = self.cuda_peak_reserved = None
+
+    def __enter__(self):
+        if self.cuda:
+            torch.cuda.synchronize(self.device)
+            torch.cuda.reset_peak_memory_stats(self.device)
+        self.rss_start = self.rss_peak = process_rss()
+        self._stop.clear()
+        if not self.cuda:
+            self._thread = threading.Thread(target=self._poll, daemon=True)
+            self._thread.start()
+        return self
+
+    def __exit__(self, *exc):
+        self._stop.set()
+        if self._thread is not None:
+            self._thread.join()
+        self.rss_peak = max(self.rss_peak, process_rss())
+        if self.cuda:
+            torch.cuda.synchronize(self.device)
+            self.cuda_peak_allocated = torch.cuda.max_memory_allocated(self.device)
+            self.cuda_peak_reserved = torch.cuda.max_memory_reserved(self.device)
+        return False
+
+    def _poll(self):
+        while not self._stop.wait(self.interval):
+            self.rss_peak = max(self.rss_peak, process_rss())
+
+    def sample(self) -> dict:
+        """The counted tensors now; also updates the per-category peaks."""
+        now = tensor_breakdown(self.model, self.optimizer)
+        for k, v in now.items():
+            self.peaks[k] = max(self.peaks[k], v)
+        return now
+
+    def step(self, activations: int = 0) -> dict:
+        """One step's record, taken after the backward (gradients alive, the peak reached): the counted tensors,
+        the activations saved for that step, and the device's peak so far."""
+        record = {**self.sample(), "activations": activations}
+        self.peaks["activations"] = max(self.peaks["activations"], activations)
+        counted = sum(record[k] for k in COUNTED)
+        if self.cuda:
+            allocated = torch.cuda.max_memory_allocated(self.device)
+            record.update({"cuda allocated peak": allocated,
+                           "cuda reserved peak": torch.cuda.max_memory_reserved(self.device),
+                           # what the allocator held at its peak beyond the tensors we hold: activations + temporaries
+                           "activations and temporaries": max(0, allocated - counted),
+                           "peak": allocated, "kind": "cuda allocated"})
+        else:
+            record.update({"peak": self.rss_peak, "kind": "cpu rss"})
+        return record
+
+    def report(self) -> dict:
+        out = {"device": str(self.device), **self.peaks, "counted total": sum(self.peaks[k] for k in COUNTED)}
+        if self.cuda:
+            out["cuda peak allocated"] = self.cuda_peak_allocated
+            out["cuda peak reserved"] = self.cuda_peak_reserved
+            out["activations and temporaries"] = max(0, (self.cuda_peak_allocated or 0) - out["counted total"])
+        out["process rss at start"] = self.rss_start
+        out["process rss peak"] = self.rss_peak
+        return out
+
+
+def fmt_bytes(n) -> str:
+    if n is None:
+        return "n/a"
+    for unit in ("B", "KiB", "MiB", "GiB"):
+        if abs(n) < 1024 or unit == "GiB":
+            return f"{n:.0f} {unit}" if unit == "B" else f"{n:.1f} {unit}"
+        n /= 1024
+
+
+def memory_summary(history: list) -> str:
+    """One line a learner can compare across notebooks: the largest value of each part over a training run."""
+    peak = {k: max(r["memory"].get(k, 0) for r in history) for k in COUNTED + ("activations",)}
+    parts = ", ".join(f"{k} {fmt_bytes(v)}" for k, v in peak.items())
+    last = history[-1]["memory"]
+    if last["kind"] == "cuda allocated":
+        device = (f"CUDA peak allocated {fmt_bytes(max(r['memory']['cuda allocated peak'] for r in history))}, "
+                  f"reserved {fmt_bytes(max(r['memory']['cuda reserved peak'] for r in history))}")
+    else:
+        device = f"process RSS peak {fmt_bytes(last['peak'])} (CPU: includes Python and the libraries)"
+    return f"memory: {parts}; {device}"

@@ -1,0 +1,36 @@
+"""The saved results of the long runs, shipped with the package so that a notebook opened anywhere (Colab, an empty
+folder after `pip install`) can read them.
+
+    showdown = load_result("showdown")      # src/nanopeft/lab/results/showdown.json
+    result_path("showdown.png")             # a file in that folder
+
+Each JSON is written by the command named in RESULTS, which `python -m nanopeft` runs.
+"""
+from __future__ import annotations
+
+import json
+from importlib import resources
+
+OUT = "--out src/nanopeft/lab/results/"  # from a source checkout
+RESULTS = {
+    "lr_sweep": f"python -m nanopeft lr-sweep {OUT}lr_sweep.json",
+    "showdown": f"python -m nanopeft showdown --seeds 5 {OUT}showdown.json",
+    "loraplus_sweep": f"python -m nanopeft loraplus-sweep --seeds 3 --reuse {OUT[6:]}showdown.json "
+                      f"{OUT}loraplus_sweep.json",
+    "dora_study": f"python -m nanopeft dora-study --seeds 3 {OUT}dora_study.json",
+}
+
+
+def result_path(name: str):
+    """The path of a file in the package's results folder (a Traversable; str() gives a file system path)."""
+    return resources.files(__package__) / "results" / name
+
+
+def load_result(name: str) -> dict:
+    """A saved result by name (one of RESULTS)."""
+    if name not in RESULTS:
+        raise ValueError(f"Unknown result {name!r}; the package ships {sorted(RESULTS)}.")
+    path = result_path(f"{name}.json")
+    if not path.is_file():
+        raise FileNotFoundError(f"{name}.json is not in this installation's results folder; run `{RESULTS[name]}`.")
+    return json.loads(path.read_text())

@@ -1,0 +1,102 @@
+"""The showdown's bookkeeping: tables, claims and their verdicts, the guide (no training here: fake runs with
+known numbers; the runs themselves are tested in test_experiments.py and exercised by `python -m nanopeft`)."""
+import numpy as np
+import pytest
+
+from nanopeft.lab.claims import advise, claims, format_claims, loraplus_speedup
+from nanopeft.lab.experiments import SHOWDOWN, Budget
+from nanopeft.lab.report import format_table, table
+from nanopeft.lab.stats import FAILS, HOLDS, UNSETTLED
+
+MIB = 2 ** 20
+SEEDS = range(5)
+TICKETS = 300
+
+
+def fake_run(method, seed, accuracy, step_time=1.0, frozen=500 * MIB, params=1000, curve=None, activations=100 * MIB):
+    rng = np.random.default_rng(sum(map(ord, method)) * 100 + seed)  # stable across processes
+    correct = (rng.random(TICKETS) < accuracy).astype(int).tolist()
+    memory = {"frozen weights": frozen, "trainable weights": 4 * params, "gradients": 4 * params,
+              "optimizer state": 8 * params, "activations": activations}
+    curve = curve or {10: accuracy / 2, 20: accuracy * 0.8, 30: accuracy * 0.9, 40: accuracy}
+    return {"method": method, "seed": seed, "lr": 1e-3, "ratio": 16 if method == "lora+" else None, "curve": curve,
+            "validation_accuracy": curve[40], "test_correct": correct, "accuracy": sum(correct) / TICKETS,
+            "loss": [1.0] * 40, "step_times": list(step_time * (1 + 0.01 * rng.standard_normal(40))),
+            "mean_step_time": step_time, "memory": memory, "peak_memory": 0, "peak_memory_kind": "cpu rss",
+            "trainable_parameters": params, "file_bytes": 4 * params}
+
+
+def fake_result(acc, step=None, frozen=None, params=None, curves=None):
+    runs = [fake_run(m, s, acc[m], (step or {}).get(m, 1.0), (frozen or {}).get(m, 500 * MIB),
+                     (params or {}).get(m, 1000), (curves or {}).get(m)) for s in SEEDS for m in SHOWDOWN]
+    config = {**Budget().__dict__, "methods": list(SHOWDOWN), "seeds": list(SEEDS), "lrs": {}, "base_accuracy": 0.0,
+              "test_tickets": TICKETS, "validation_tickets": 120, "hardware": {"cpu_count": 2}}
+    return {"config": config, "runs": runs}
+
+
+BASE = {"full": 0.8, "lora": 0.5, "dora": 0.5, "qlora": 0.5, "qdora": 0.5, "lora+": 0.7}
+
+
+def verdict(rows, start):
+    return next(r["verdict"] for r in rows if r["claim"].startswith(start))
+
+
+def test_table_gives_each_method_an_interval_over_seeds_and_tickets():
+    rows = {r["method"]: r for r in table(fake_result(BASE))}
+    lora = rows["lora"]
+    assert lora["seeds"] == 5 and abs(lora["accuracy"] - 0.5) < 0.03
+    assert lora["interval"].low < lora["accuracy"] < lora["interval"].high
+    assert 0.02 < lora["interval"].high - lora["interval"].low < 0.12  # 1500 answers: a few points either way
+    text = format_table(table(fake_result(BASE)))
+    assert text.count("\n") == len(SHOWDOWN) + 1 and "lora+" in text
+
+
+def test_dora_verdict_follows_the_interval():
+    assert verdict(claims(fake_result({**BASE, "dora": 0.6})), "On small data DoRA") == HOLDS
+    assert verdict(claims(fake_result({**BASE, "dora": 0.4})), "On small data DoRA") == FAILS
+    assert verdict(claims(fake_result(BASE)), "On small data DoRA") == UNSETTLED  # same accuracy: no decision
+
+
+def test_step_time_verdicts():
+    slow = claims(fake_result(BASE, step={"dora": 1.4}))
+    assert verdict(slow, "DoRA is 1.3-1.5x") == HOLDS and verdict(slow, "DoRA trains at near") == FAILS
+    same = claims(fake_result(BASE, step={"dora": 1.03}))
+    assert verdict(same, "DoRA is 1.3-1.5x") == FAILS and verdict(same, "DoRA trains at near") == HOLDS
+
+
+def test_loraplus_speed_up_is_first_crossing_against_first_crossing():
+    lora = {10: 0.30, 20: 0.45, 30: 0.45, 40: 0.45}  # LoRA itself reaches its final accuracy at step 20
+    fast = {10: 0.50, 20: 0.60, 30: 0.65, 40: 0.70}  # LoRA+ at step 10: 2x, not 40 / 10 = 4x
+    s = loraplus_speedup(fake_result(BASE, curves={"lora": lora, "lora+": fast}))
+    assert s["lora"] == [20] * 5 and s["lora+"] == [10] * 5 and s["interval"].estimate == pytest.approx(2.0)
+    assert verdict(claims(fake_result(BASE, curves={"lora": lora, "lora+": fast})), "LoRA+ reaches") == HOLDS
+    same = {10: 0.30, 20: 0.45, 30: 0.5, 40: 0.6}  # both cross at step 20: 1x
+    assert verdict(claims(fake_result(BASE, curves={"lora": lora, "lora+": same})), "LoRA+ reaches") == FAILS
+
+
+def test_every_claim_has_a_measurement_an_interval_and_a_verdict():
+    rows = claims(fake_result(BASE))
+    assert len(rows) >= 14
+    assert all(r["measured"] and r["interval"] and r["source"] and r["rule"] for r in rows)
+    assert all(r["verdict"] in (HOLDS, FAILS, UNSETTLED) for r in rows)
+    assert "verdict: " in format_claims(rows)
+
+
+def test_computed_memory_claims():
+    rows = claims(fake_result(BASE))
+    assert verdict(rows, "7B full fine-tuning in fp16 needs ~28 GB") == FAILS  # 16 bytes per parameter: 108 GB
+    assert verdict(rows, "7B LoRA in fp16") == HOLDS
+
+
+@pytest.mark.parametrize("constraint, method", [("memory", "QLoRA"), ("quality", "DoRA"), ("speed", "LoRA+"),
+                                                ("none", "LoRA")])
+def test_guide_names_the_method_and_cites_numbers(constraint, method):
+    text = advise(constraint, fake_result(BASE), model_billions=1, gpu_gb=80)
+    assert text.startswith(method + ":") and "%" in text
+
+
+def test_guide_sends_models_that_do_not_fit_to_qlora():
+    assert advise("speed", fake_result(BASE), model_billions=13, gpu_gb=15).startswith("QLoRA")
+    assert advise("speed", fake_result(BASE), model_billions=7, gpu_gb=40).startswith("LoRA+")
+    with pytest.raises(ValueError, match="constraint"):
+        advise("cost", fake_result(BASE))

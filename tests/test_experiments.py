@@ -1,0 +1,65 @@
+"""The experiments really run: a tiny showdown through the command line, the recipes, the reuse of runs."""
+import json
+import subprocess
+import sys
+
+import pytest
+import torch
+
+from nanopeft import adapter_layers
+from nanopeft.lab.experiments import RECIPES, SHOWDOWN, Budget, build, ratio_sweep
+from nanopeft.lab.models import tiny_llama
+from nanopeft.lab.report import table
+
+
+@pytest.mark.parametrize("name", list(RECIPES))
+def test_every_recipe_builds_a_model_and_an_optimizer_over_what_trains(name):
+    base = tiny_llama()
+    model, optimizer = build(name, base, lr=1e-3, budget=Budget(r=4))
+    trainable = {id(p) for p in model.parameters() if p.requires_grad}
+    assert trainable == {id(p) for g in optimizer.param_groups for p in g["params"]}
+    assert all(p.requires_grad for p in base.parameters())  # the base itself was not touched
+    r = RECIPES[name]
+    assert bool(adapter_layers(model)) == (r.adapter is not None)
+    lrs = sorted({g["lr"] for g in optimizer.param_groups})
+    assert lrs == ([1e-3, 1e-3 * r.loraplus_ratio] if r.loraplus_ratio else [1e-3])
+
+
+@pytest.mark.slow
+def test_a_tiny_showdown_through_the_command_line(tmp_path):
+    lrs = tmp_path / "lrs.json"
+    lrs.write_text(json.dumps({"chosen": {"lora": 2e-3, "qlora": 2e-3}}))
+    out = tmp_path / "showdown.json"
+    cmd = [sys.executable, "-m", "nanopeft", "showdown", "--methods", "lora", "qlora", "--seeds", "2", "--steps", "2",
+           "--tickets", "12", "--lrs", str(lrs), "--out", str(out)]
+    done = subprocess.run(cmd, capture_output=True, text=True, timeout=600, env={**__import__("os").environ, "CI": "1"})
+    assert done.returncode == 0, done.stderr[-2000:]
+    result = json.loads(out.read_text())
+    assert [(r["method"], r["seed"]) for r in result["runs"]] == [("lora", 0), ("qlora", 0), ("lora", 1), ("qlora", 1)]
+    assert result["config"]["lrs"] == {"lora": 2e-3, "qlora": 2e-3} and "processor" in result["config"]["hardware"]
+    for run in result["runs"]:
+        assert len(run["test_correct"]) == 12 and set(run["test_correct"]) <= {0, 1}
+        assert len(run["loss"]) == len(run["step_times"]) == 2 and set(run["curve"]) == {"2"}
+    rows = table(result)
+    assert [r["method"] for r in rows] == ["lora", "qlora"] and all(r["seeds"] == 2 for r in rows)
+    assert rows[1]["memory"]["frozen weights"] < rows[0]["memory"]["frozen weights"] / 2  # the 4-bit base
+    assert "test accuracy [95% interval]" in done.stdout
+
+
+def fake_run(method, seed, ratio):
+    return {"method": method, "seed": seed, "lr": 5e-4, "ratio": ratio}
+
+
+def test_sweep_reuses_matching_showdown_runs_only():
+    shown = {"config": {**Budget().__dict__}, "runs": [fake_run("lora+", s, 16) for s in (0, 1)]}
+    sweep = ratio_sweep(ratios=(16,), seeds=(0, 1), lr=5e-4, base=object(), tokenizer=None, reuse=shown)
+    assert [r["ratio"] for r in sweep["runs"]] == [16, 16] and all(r["reused"] for r in sweep["runs"])
+    with pytest.raises(AttributeError):  # another lr: nothing may be reused, so it tries to train the fake base
+        ratio_sweep(ratios=(16,), seeds=(0,), lr=1e-3, base=object(), tokenizer=None, reuse=shown)
+
+
+def test_showdown_asks_for_every_learning_rate():
+    from nanopeft.lab.experiments import showdown
+
+    with pytest.raises(ValueError, match="No learning rate for"):
+        showdown(SHOWDOWN, lrs={"lora": 1e-3}, base=object())

@@ -1,0 +1,113 @@
+"""The package's shape, checked by reading its source (ast): what the methods may import, no import circle, no
+package import hidden in a function, no file too long to read in one sitting."""
+import ast
+from pathlib import Path
+
+import pytest
+
+import nanopeft
+
+PACKAGE = Path(nanopeft.__file__).parent
+MODULES = {".".join(p.relative_to(PACKAGE.parent).with_suffix("").parts): p for p in PACKAGE.rglob("*.py")}
+# the files of the course: what each paper is, readable with only torch in mind
+METHODS = {f"nanopeft.{m}" for m in ("lora", "dora", "nf4", "qlora", "loraplus", "adapters", "targets", "peft_format")}
+METHOD_THIRD_PARTY = {"torch", "safetensors", "__future__", "math", "dataclasses", "functools", "copy", "re", "json",
+                      "os", "tempfile", "pathlib"}
+# heavy or optional libraries that may be imported inside a function (each such import says why at its place)
+LAZY_OK = {"peft", "bitsandbytes", "matplotlib", "ipywidgets", "IPython", "transformers", "psutil", "triton", "numpy"}
+MAX_LINES = 400
+
+
+def imports(module: str):
+    """(imported module, line, is at the top level) for every import of a module file."""
+    path = MODULES[module]
+    tree = ast.parse(path.read_text())
+    top = {id(n) for n in tree.body}
+    package = module if path.name == "__init__.py" else module.rpartition(".")[0]
+    out = []
+    for node in ast.walk(tree):
+        if isinstance(node, ast.Import):
+            out += [(a.name, node.lineno, id(node) in top) for a in node.names]
+        elif isinstance(node, ast.ImportFrom):
+            if node.level:  # relative: resolve against this module's package
+                base = package.rsplit(".", node.level - 1)[0] if node.level > 1 else package
+                name = f"{base}.{node.module}" if node.module else base
+                # `from . import x` names a module x
+                targets = [f"{name}.{a.name}" if f"{name}.{a.name}" in MODULES else name for a in node.names]
+                out += [(t, node.lineno, id(node) in top) for t in targets]
+            else:
+                out.append((node.module, node.lineno, id(node) in top))
+    return out
+
+
+def internal(module: str) -> set:
+    return {name for name, _, _ in imports(module) if name in MODULES and name != module}
+
+
+def test_the_package_has_the_layout_the_readme_maps():
+    assert METHODS | {"nanopeft.__init__", "nanopeft.__main__"} <= set(MODULES)
+    assert any(m.startswith("nanopeft.lab.") for m in MODULES)
+
+
+@pytest.mark.parametrize("module", sorted(METHODS))
+def test_method_modules_import_only_torch_and_each_other(module):
+    for name, line, _ in imports(module):
+        root = name.split(".")[0]
+        if root == "nanopeft":
+            assert not name.startswith("nanopeft.lab"), f"{module}:{line} imports the lab ({name})"
+        else:
+            assert root in METHOD_THIRD_PARTY, f"{module}:{line} imports {name}: a method file needs only torch"
+
+
+def test_import_nanopeft_does_not_import_the_lab():
+    assert not any(n.startswith("nanopeft.lab") for n in internal("nanopeft.__init__"))
+
+
+def test_no_import_circle():
+    graph = {m: internal(m) for m in MODULES}
+    state = {}
+
+    def visit(m, path):
+        if state.get(m) == "open":
+            cycle = path[path.index(m):] + [m]
+            raise AssertionError("import circle: " + " -> ".join(cycle))
+        if state.get(m) == "done":
+            return
+        state[m] = "open"
+        for n in sorted(graph[m]):
+            if n != m + ".__init__":
+                visit(n, path + [m])
+        state[m] = "done"
+
+    for m in sorted(graph):
+        visit(m, [])
+
+
+@pytest.mark.parametrize("module", sorted(MODULES))
+def test_package_imports_are_at_the_top_and_lazy_ones_are_optional_libraries(module):
+    for name, line, top in imports(module):
+        if top:
+            continue
+        assert not name.startswith("nanopeft"), f"{module}:{line}: the package's own import {name} hides in a function"
+        assert name.split(".")[0] in LAZY_OK, f"{module}:{line}: {name} is imported in a function; import it at the top"
+
+
+@pytest.mark.parametrize("module", sorted(MODULES))
+def test_every_file_reads_in_one_sitting(module):
+    lines = len(MODULES[module].read_text().splitlines())
+    assert lines <= MAX_LINES, f"{module} has {lines} lines (over {MAX_LINES}): split it by job"
+
+
+def test_one_name_one_meaning():
+    """A name defined at the top level of two modules must mean the same thing (one is an import of the other)."""
+    seen = {}
+    for module, path in MODULES.items():
+        for node in ast.parse(path.read_text()).body:
+            names = []
+            if isinstance(node, (ast.FunctionDef, ast.ClassDef)):
+                names = [node.name]
+            elif isinstance(node, ast.Assign):
+                names = [t.id for t in node.targets if isinstance(t, ast.Name) and t.id.isupper()]
+            for name in names:
+                assert name not in seen, f"{name} is defined in both {seen[name]} and {module}"
+                seen[name] = module
