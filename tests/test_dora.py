@@ -11,7 +11,7 @@ from nanopeft import (DoRALinear, LoRALinear, add_adapters, adapter_layers, load
                       save_adapter, unmerge_adapters)
 from nanopeft.lab.analysis import WeightRecorder, magnitude_direction_change
 from nanopeft.lab.models import tiny_llama, tiny_qwen2
-from nanopeft.lab.twins import replay_peft_init
+from nanopeft.lab.twins import compare_with_peft, replay_peft_init
 from twins import assert_matches_peft, peft_params, twin_models
 
 
@@ -255,3 +255,90 @@ def test_round_trips_and_merge_on_the_bundled_model(smollm, tmp_path):
         merged = theirs.merge_and_unload()
         for path, layer in adapter_layers(ours).items():
             torch.testing.assert_close(layer.base_layer.weight, merged.get_submodule(path).weight, rtol=0, atol=1e-5)
+
+
+# --- the factored norm: ||W0 + s B A|| from (out, r) and (r, r) products ------------------------------------------
+def relative(a, b):
+    return ((a - b).abs().max() / b.abs().max()).item()
+
+
+def factored_pair(base, targets="all-linear", seed=0):
+    """The same DoRA model twice, exact and factored norm, with B and m moved off their start identically."""
+    exact = add_adapters(copy.deepcopy(base), method="dora", targets=targets)
+    factored = add_adapters(copy.deepcopy(base), method="dora", targets=targets, norm="factored")
+    g = torch.Generator().manual_seed(seed)
+    with torch.no_grad():
+        for (path, a), b in zip(adapter_layers(exact).items(), adapter_layers(factored).values()):
+            b.lora_A.copy_(a.lora_A)
+            a.lora_B.copy_(torch.randn(a.lora_B.shape, generator=g) * 0.1)
+            b.lora_B.copy_(a.lora_B)
+            a.magnitude.mul_(1 + 0.1 * torch.randn(a.magnitude.shape, generator=g))
+            b.magnitude.copy_(a.magnitude)
+    return exact, factored
+
+
+def assert_factored_matches(exact, factored, ids, tol=1e-5):
+    for a, b in zip(adapter_layers(exact).values(), adapter_layers(factored).values()):
+        with torch.no_grad():
+            assert relative(b.weight_norm(), a.weight_norm()) <= tol
+    outs = []
+    for model in (exact, factored):
+        model.train()
+        out = model(input_ids=ids).logits
+        out.pow(2).mean().backward()
+        outs.append(out.detach())
+    assert relative(outs[1], outs[0]) <= tol
+    for a, b in zip(adapter_layers(exact).values(), adapter_layers(factored).values()):
+        for name in ("lora_A", "lora_B", "magnitude"):
+            assert relative(getattr(b, name).grad, getattr(a, name).grad) <= tol, name
+
+
+@pytest.mark.parametrize("make", [tiny_llama, tiny_qwen2], ids=["llama", "qwen2-biases"])
+def test_factored_norm_equals_the_exact_one_within_float_rounding(make):
+    exact, factored = factored_pair(make())
+    assert_factored_matches(exact, factored, torch.randint(0, 256, (2, 16), generator=torch.Generator().manual_seed(0)))
+
+
+def test_factored_norm_follows_the_update_and_survives_merging():
+    exact, factored = factored_pair(tiny_llama(), targets=("q_proj",))
+    layer = adapter_layers(factored)["model.layers.0.self_attn.q_proj"]
+    with torch.no_grad():
+        before = layer.weight_norm()
+        layer.lora_B.mul_(3)  # a bigger update: the cached ||W0||^2 stays right, the norm moves
+        assert not torch.allclose(layer.weight_norm(), before)
+        exact_layer = adapter_layers(exact)["model.layers.0.self_attn.q_proj"]
+        exact_layer.lora_B.mul_(3)
+        assert relative(layer.weight_norm(), exact_layer.weight_norm()) <= 1e-5
+    ids = torch.randint(0, 256, (2, 16))
+    with torch.no_grad():
+        expected = factored(input_ids=ids).logits
+        merge_adapters(factored)
+        unmerge_adapters(factored)  # W0 changes and comes back: the cache is rebuilt, not reused
+        assert relative(factored(input_ids=ids).logits, expected) <= 1e-5
+
+
+@pytest.mark.slow
+def test_factored_norm_on_the_bundled_model(smollm):
+    """Layer by layer on the real weights: the same input and the same gradient from above, so each layer's own
+    rounding is what is compared (through 30 layers, 3e-7 differences in the norms grow to about 3e-5 in the
+    gradients of the first layers, as any change of summation order would)."""
+    exact, factored = factored_pair(smollm[0], targets=("q_proj", "k_proj", "v_proj", "o_proj", "down_proj"))
+    g = torch.Generator().manual_seed(0)
+    for a, b in zip(adapter_layers(exact).values(), adapter_layers(factored).values()):
+        x = torch.randn(4, 7, a.in_features, generator=g)
+        upstream = torch.randn(4, 7, a.out_features, generator=g)
+        with torch.no_grad():
+            assert relative(b.weight_norm(), a.weight_norm()) <= 1e-6
+        outs = [layer.train()(x) for layer in (a, b)]
+        for out in outs:
+            out.backward(upstream)
+        assert relative(outs[1], outs[0]) <= 1e-5
+        for name in ("lora_A", "lora_B", "magnitude"):
+            ga, gb = getattr(a, name).grad, getattr(b, name).grad
+            assert ((gb - ga).norm() / ga.norm()).item() <= 1e-5, name
+
+
+def test_factored_norm_against_peft_within_float_rounding():
+    ours, theirs = twin_models(tiny_llama(), method="dora", targets="all-linear", norm="factored")
+    diffs = compare_with_peft(ours, theirs, torch.randint(0, 256, (2, 16), generator=torch.Generator().manual_seed(0)))
+    assert 0 < max(diffs.values()) <= 1e-5, diffs  # not bit for bit (another order of sums), but within rounding

@@ -212,7 +212,6 @@ def assert_unchanged(model, snap):
 @pytest.mark.parametrize("kwargs, error", [
     (dict(r=0), "r must be a positive integer"),
     (dict(r=2.0), "r must be a positive integer"),
-    (dict(r=65), "r=65 is larger than this layer allows"),
     (dict(alpha=0), "alpha must be a positive number"),
     (dict(alpha=-1.0), "alpha must be a positive number"),
     (dict(dropout=1.0), "dropout must be a number in"),

@@ -245,17 +245,32 @@ def test_linear_nf4_keeps_no_full_weight_for_backward():
 
 
 # -------------------------------------------------------------------------------------------- QLoRA and QDoRA
+@pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16, torch.float16])
 @pytest.mark.parametrize("method", ["lora", "dora"])
 @pytest.mark.parametrize("double_quant", [False, True])
-def test_qlora_matches_peft_on_bitsandbytes(method, double_quant):
-    ours_base, theirs_base = quantized_bases(tiny_llama(), double_quant=double_quant)
+def test_qlora_matches_peft_on_bitsandbytes(method, double_quant, dtype):
+    # peft's own 4-bit LoRA layer (what a model loaded in 4 bits by transformers gets) adds the update after rounding
+    # it to the output's dtype: in bfloat16 and float16 that differs from its full-precision layer by up to 5e-3
+    ours_base, theirs_base = quantized_bases(tiny_llama().to(dtype), double_quant=double_quant)
     if double_quant:  # load bitsandbytes' stored state into ours, so the comparison is of everything after it
         assert copy_bnb_state(ours_base, theirs_base) == 14
     ours, theirs = peft_twin(ours_base, method=method, targets="all-linear", dropout=0.1, peft_base=theirs_base)
+    assert type(theirs.get_submodule("base_model.model.model.layers.0.mlp.up_proj")).__module__ == "peft.tuners.lora.bnb"
     ids = torch.randint(0, 256, (2, 16), generator=torch.Generator().manual_seed(0))
     diffs = compare_with_peft(ours, theirs, ids)
     assert set(diffs) >= {"logits", "lora_A", "lora_B"}
     assert all(d == 0.0 for d in diffs.values()), diffs
+
+
+@pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16, torch.float16])
+def test_qdora_starts_with_peft_s_magnitude_on_a_half_precision_4bit_base(dtype):
+    """peft takes ||W0|| in float32 on a 4-bit base (its adapter is never cast to the packed weight's dtype) but in
+    the base's dtype on a 16-bit one; m must be the same numbers before any training."""
+    ours_base, theirs_base = quantized_bases(tiny_llama().to(dtype), double_quant=False)
+    ours, theirs = peft_twin(ours_base, method="dora", targets="all-linear", perturb=False, peft_base=theirs_base)
+    for path, layer in adapter_layers(ours).items():
+        ref = theirs.get_submodule("base_model.model." + path).lora_magnitude_vector["default"].weight
+        assert torch.equal(layer.magnitude, ref), path
 
 
 def test_qlora_training_changes_only_adapters():
@@ -402,3 +417,34 @@ def test_nf4tensor_reports_its_storage():
     q = quantize_nf4(torch.randn(128, 256), double_quant=True)
     assert isinstance(q, NF4Tensor) and q.double_quant
     assert q.nbytes == 128 * 256 // 2 + 128 * 256 // 64 + 4 * 2 + 4
+
+
+TRITON_CHECK = """
+import torch
+from nanopeft.nf4 import dequantize_nf4, quantize_nf4
+for shape, dq, dtype in [((64, 128), False, torch.float32), ((3, 333), True, torch.bfloat16),
+                         ((7, 100), True, torch.float16), ((1, 1), False, torch.float32), ((192, 576), True, torch.float32)]:
+    q = quantize_nf4(torch.randn(shape, generator=torch.Generator().manual_seed(0)).to(dtype), double_quant=dq)
+    for out in (torch.float32, torch.float16):
+        a, b = dequantize_nf4(q, out, kernel="triton"), dequantize_nf4(q, out, kernel="torch")
+        assert a.dtype == b.dtype == out and torch.equal(a, b), (shape, dq, dtype, out)
+print("equal")
+"""
+
+
+def test_the_triton_kernel_equals_the_readable_dequantize_byte_for_byte():
+    """The GPU kernel, run on the CPU by Triton's interpreter (float32 and float16 outputs; the interpreter rounds
+    to bfloat16 by truncation where GPUs round to nearest, so bfloat16 is checked in test_gpu.py)."""
+    pytest.importorskip("triton")
+    import os
+    import subprocess
+    import sys
+
+    done = subprocess.run([sys.executable, "-c", TRITON_CHECK], capture_output=True, text=True,
+                          env={**os.environ, "TRITON_INTERPRET": "1"})
+    assert done.returncode == 0 and done.stdout.strip() == "equal", done.stderr[-1500:]
+
+
+def test_an_unknown_kernel_is_refused():
+    with pytest.raises(ValueError, match="kernel must be"):
+        dequantize_nf4(quantize_nf4(torch.randn(64)), kernel="cuda")

@@ -23,8 +23,8 @@ from dataclasses import dataclass
 from torch import nn
 
 from .dora import DoRALinear
-from .lora import LoRALinear, check_hyperparameters, features
-from .targets import CLASSIFIER_HEADS, find_targets, head_paths, path_matches
+from .lora import LoRALinear, check_hyperparameters
+from .targets import CLASSIFIER_HEADS, find_targets, saved_paths
 
 @dataclass(frozen=True)
 class AdapterConfig:
@@ -75,21 +75,17 @@ def check_config(model: nn.Module, c: AdapterConfig) -> tuple:
     if c.layers_to_transform is not None and isinstance(c.targets, str) and c.targets.lower() != "all-linear":
         raise ValueError("layers_to_transform works with a list of target names; with a regular expression, put the "
                          "layer indices in the pattern (peft silently ignores layers_to_transform there).")
-    modules = dict(model.named_modules())
-    if c.modules_to_save == "auto":
-        saved = [n for n in head_paths(model) if n in CLASSIFIER_HEADS]
+    if c.modules_to_save == "auto":  # a sequence classifier's new head trains fully, as under peft's "SEQ_CLS"
+        sequence_classifier = type(model).__name__.endswith("ForSequenceClassification")
+        saved = saved_paths(model, CLASSIFIER_HEADS if sequence_classifier else ())
     else:
         names = [c.modules_to_save] if isinstance(c.modules_to_save, str) else list(c.modules_to_save or ())
-        saved = []
         for name in names:
-            found = [n for n in modules if n and path_matches(n, name)]
-            if not found:
+            if not saved_paths(model, [name]):
                 raise ValueError(f"modules_to_save names {name!r}, which matches no module of {type(model).__name__}.")
-            saved += found
-    names = find_targets(model, c.targets, c.layers_to_transform, c.layers_pattern, skip=saved)
-    for name in names:
-        check_hyperparameters(c.r, c.alpha, c.dropout, *features(modules[name]))
-    return names, saved
+        saved = saved_paths(model, names)
+    check_hyperparameters(c.r, c.alpha, c.dropout)
+    return find_targets(model, c.targets, c.layers_to_transform, c.layers_pattern, skip=saved), saved
 
 
 def config_from(method="lora", **fields) -> AdapterConfig:
@@ -141,8 +137,8 @@ def from_peft_config(config, model: nn.Module | None = None) -> AdapterConfig:
         targets = sorted(targets)  # peft keeps a set
     task = str(getattr(config, "task_type", None) or "")
     saved = list(config.modules_to_save or [])
-    if task.endswith("SEQ_CLS") and model is not None:
-        saved += [n for n in CLASSIFIER_HEADS if n in dict(model.named_modules()) and n not in saved]
+    if task.endswith("SEQ_CLS") and model is not None:  # peft adds its head names; only those the model has count
+        saved += [n for n in CLASSIFIER_HEADS if saved_paths(model, [n]) and n not in saved]
     layers = config.layers_to_transform
     return AdapterConfig(
         method="dora" if config.use_dora else "lora", r=config.r, alpha=config.lora_alpha, targets=targets,
@@ -213,7 +209,13 @@ def add_adapters(model: nn.Module, method="lora", **fields) -> nn.Module:
             set_module(model, name, ModuleToSave(modules[name]))
             placed.append(name)
         for name in names:
-            set_module(model, name, layer_class(modules[name], config.r, config.alpha, **options))
+            layer = layer_class(modules[name], config.r, config.alpha, **options)
+            if isinstance(modules.get(name.rpartition(".")[0]), nn.TransformerEncoderLayer):
+                # In eval mode without gradients PyTorch runs TransformerEncoderLayer as one fused kernel that reads
+                # linear1.weight directly and never calls this layer's forward (peft's adapters are skipped there
+                # silently). Any forward hook inside the layer turns that path off, so the adapter is applied.
+                layer.register_forward_pre_hook(_keeps_the_fused_path_off)
+            set_module(model, name, layer)
             placed.append(name)
     except BaseException:
         for name in placed:
@@ -223,6 +225,10 @@ def add_adapters(model: nn.Module, method="lora", **fields) -> nn.Module:
         raise
     model._nanopeft_requires_grad = flags
     return model
+
+
+def _keeps_the_fused_path_off(module, args):
+    return None  # does nothing; its presence is what matters (see add_adapters)
 
 
 def modules_to_save(model: nn.Module) -> dict:
@@ -263,8 +269,8 @@ def unmerge_adapters(model: nn.Module) -> nn.Module:
 def remove_adapters(model: nn.Module, merge: bool = False) -> nn.Module:
     """Give back the plain model: each adapter layer is replaced by its base layer.
 
-    merge=False: the base weights as they were before adapters were added (unmerging first if needed), and the
-                 original of every module trained fully (peft's `unload`).
+    merge=False: the model as it was before `add_adapters` (unmerging first if needed), the original of every
+                 module trained fully included (peft's `unload` keeps their trained copies instead).
     merge=True:  the updates folded in, and the trained copies of the modules trained fully (peft's
                  `merge_and_unload`). The requires_grad flags are restored either way.
     """

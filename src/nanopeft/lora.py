@@ -43,7 +43,7 @@ class LoRALinear(nn.Module):
     def __init__(self, base: nn.Module, r: int, alpha: float, dropout: float = 0.0, rslora: bool = False):
         super().__init__()
         self.in_features, self.out_features = features(base)
-        check_hyperparameters(r, alpha, dropout, self.in_features, self.out_features)
+        check_hyperparameters(r, alpha, dropout)
         self.base_layer = base
         for p in base.parameters():
             p.requires_grad_(False)
@@ -158,15 +158,11 @@ def base_weight(base: nn.Module) -> torch.Tensor:
     return base.weight.T if is_conv1d(base) else base.weight
 
 
-def check_hyperparameters(r, alpha, dropout, in_features, out_features) -> None:
-    """Clear errors for ranks, alphas and dropouts that cannot work."""
+def check_hyperparameters(r, alpha, dropout) -> None:
+    """Clear errors for ranks, alphas and dropouts that cannot work. (An r above min(in, out) works, as in peft: B A
+    then has rank min(in, out) and some of A and B is redundant.)"""
     if not isinstance(r, int) or isinstance(r, bool) or r < 1:
         raise ValueError(f"r must be a positive integer, got {r!r}.")
-    if r > min(in_features, out_features):
-        raise ValueError(
-            f"r={r} is larger than this layer allows: a ({out_features} x {in_features}) weight has rank at most "
-            f"{min(in_features, out_features)}, so B A cannot use rank {r}. Choose r <= {min(in_features, out_features)}."
-        )
     if not isinstance(alpha, (int, float)) or isinstance(alpha, bool) or not alpha > 0 or not math.isfinite(alpha):
         raise ValueError(f"alpha must be a positive number, got {alpha!r}.")
     if isinstance(dropout, bool) or not isinstance(dropout, (int, float)) or not 0.0 <= dropout < 1.0:

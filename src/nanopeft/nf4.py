@@ -25,6 +25,11 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
+try:  # one GPU kernel for the dequantization, where Triton is installed (it comes with CUDA builds of torch)
+    from .nf4_triton import dequantize_kernel
+except ImportError:  # CPU-only installs: the PyTorch path serves every device
+    dequantize_kernel = None
+
 BLOCKSIZES = (32, 64, 128, 256, 512, 1024, 2048, 4096)  # the block sizes bitsandbytes supports
 FLOAT_DTYPES = (torch.float32, torch.float16, torch.bfloat16)
 
@@ -248,12 +253,21 @@ def quantize_nf4(w: torch.Tensor, blocksize: int = 64, double_quant: bool = Fals
     return q
 
 
-def dequantize_nf4(q: NF4Tensor, dtype: torch.dtype | None = None) -> torch.Tensor:
+def dequantize_nf4(q: NF4Tensor, dtype: torch.dtype | None = None, kernel: str = "auto") -> torch.Tensor:
     """The weight back, w ~= nf4[code] * absmax, in `dtype` (default: the original dtype), shape `q.shape`.
 
     Equal to `dequantize_blockwise(unpack(q.packed), absmax, nf4_code())`, but each byte is looked up once in a
-    256 x 2 table of value pairs instead of being split into two codes first (3-4x faster on a CPU).
+    256 x 2 table of value pairs instead of being split into two codes first, and each block is scaled by a
+    broadcast. kernel: "torch" (this function's code), "triton" (the same numbers in one GPU kernel,
+    `nanopeft.nf4_triton`), or "auto": Triton for a CUDA tensor where Triton is installed, else torch.
     """
+    if kernel not in ("auto", "torch", "triton"):
+        raise ValueError(f"kernel must be 'auto', 'torch' or 'triton', got {kernel!r}.")
+    if kernel == "triton" or (kernel == "auto" and q.packed.is_cuda and dequantize_kernel is not None):
+        if dequantize_kernel is None:
+            raise ImportError("kernel='triton' needs Triton (pip install triton; CUDA builds of torch include it).")
+        return dequantize_kernel(q.packed, q.block_absmax(), _code_on("nf4", q.packed.device), q.shape, q.blocksize,
+                                 dtype or q.dtype)
     pairs = _code_on("nf4-pairs", q.packed.device)  # (256, 2)
     values = pairs.index_select(0, q.packed.view(-1).int()).view(-1)[: q.numel]  # float32 (n,)
     return scale_blocks(values, q.block_absmax(), q.blocksize).view(q.shape).to(dtype or q.dtype)

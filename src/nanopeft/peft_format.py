@@ -32,7 +32,7 @@ from safetensors.torch import load_file, save_file
 from .adapters import ModuleToSave, add_adapters, adapter_layers, modules_to_save
 from .dora import DoRALinear
 from .lora import LoRALinear, features, is_conv1d
-from .targets import path_matches
+from .targets import saved_paths
 
 CONFIG_NAME = "adapter_config.json"
 WEIGHTS_NAME = "adapter_model.safetensors"
@@ -205,9 +205,8 @@ def load_adapter(model: nn.Module, folder) -> nn.Module:
 
     # where the fully trained modules go: every module whose path matches a name in modules_to_save
     saved_names = config.get("modules_to_save") or []
-    saved_paths = [n for n in modules if n and any(path_matches(n, s) for s in saved_names)
-                   and ".trained" not in n and ".original_module" not in n]
-    placed = {k: next((p for p in saved_paths if k.startswith(p + ".")), None) for k in others}
+    homes = saved_paths(model, saved_names)
+    placed = {k: next((p for p in homes if k.startswith(p + ".")), None) for k in others}
     homeless = sorted(k for k, p in placed.items() if p is None)
     if homeless:
         raise ValueError(f"{WEIGHTS_NAME} holds {homeless[:3]}, which belong to no module named in modules_to_save "

@@ -27,6 +27,14 @@ def path_matches(name: str, target: str) -> bool:
     return name == target or name.endswith("." + target)
 
 
+def saved_paths(model: nn.Module, names) -> list:
+    """The modules `modules_to_save` names, by peft's rule for it: every module whose path ends with a name, even
+    mid-word ("classifier" also names DistilBERT's "pre_classifier", which is newly initialised too). A module
+    inside another one that is saved is left to its parent."""
+    found = [n for n, _ in model.named_modules() if n and any(n.endswith(name) for name in names)]
+    return [n for n in found if not any(n.startswith(outer + ".") for outer in found)]
+
+
 def adaptable(module: nn.Module) -> bool:
     """What LoRA can wrap: nn.Linear, transformers' Conv1D (GPT-2) and 4-bit LinearNF4 layers."""
     return isinstance(module, (nn.Linear, LinearNF4)) or is_conv1d(module)

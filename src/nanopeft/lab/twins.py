@@ -16,7 +16,8 @@ import math
 import torch
 from torch import nn
 
-from ..adapters import adapter_layers, add_adapters, set_module
+from ..adapters import adapter_layers, add_adapters, modules_to_save, set_module
+from ..lora import is_conv1d
 from ..nf4 import LinearNF4, NF4Tensor
 from ..qlora import quantize_model
 from ..targets import path_matches
@@ -84,21 +85,26 @@ def quantized_bases(base, double_quant: bool = False):
 
 
 def peft_twin(base, method: str = "lora", seed: int = 0, r: int = 8, alpha: float = 16, targets=("q_proj", "v_proj"),
-              dropout: float = 0.0, rslora: bool = False, perturb: bool = True, peft_base=None, **options):
+              dropout: float = 0.0, rslora: bool = False, perturb: bool = True, peft_base=None, config=None, **options):
     """(ours, peft's): `base` adapted by nanopeft and by peft's `get_peft_model`, with equal weights.
 
-    peft_base: the model peft adapts, if not a copy of `base` (QLoRA: `base` quantized by nanopeft, `peft_base` the
-    same weights quantized by bitsandbytes). options: more `add_adapters` keywords (e.g. DoRA's norm="factored")."""
+    config: a peft `LoraConfig` that both libraries read (then method, r, alpha, targets, dropout and rslora are
+    not used). peft_base: the model peft adapts, if not a copy of `base` (QLoRA: `base` quantized by nanopeft,
+    `peft_base` the same weights quantized by bitsandbytes). options: more `add_adapters` keywords (DoRA's norm)."""
     from peft import LoraConfig, get_peft_model
 
-    targets = targets if isinstance(targets, str) else list(targets)
-    ours = add_adapters(copy.deepcopy(base), method=method, r=r, alpha=alpha, targets=targets, dropout=dropout,
-                        rslora=rslora, **options)
+    if config is None:
+        targets = targets if isinstance(targets, str) else list(targets)
+        conv1d = any(is_conv1d(m) for m in base.modules())  # GPT-2's layers store W transposed: peft's fan_in_fan_out
+        config = LoraConfig(r=r, lora_alpha=alpha, target_modules=targets, lora_dropout=dropout, use_rslora=rslora,
+                            use_dora=method == "dora", fan_in_fan_out=conv1d)
+        ours = add_adapters(copy.deepcopy(base), method=method, r=r, alpha=alpha, targets=targets, dropout=dropout,
+                            rslora=rslora, **options)
+    else:
+        ours = add_adapters(copy.deepcopy(base), copy.deepcopy(config), **options)
     replay_peft_init(ours, seed)
     torch.manual_seed(seed)
-    config = LoraConfig(r=r, lora_alpha=alpha, target_modules=targets, lora_dropout=dropout, use_rslora=rslora,
-                        use_dora=method == "dora")
-    theirs = get_peft_model(copy.deepcopy(base if peft_base is None else peft_base), config)
+    theirs = get_peft_model(copy.deepcopy(base if peft_base is None else peft_base), copy.deepcopy(config))
     if perturb:
         g = torch.Generator().manual_seed(seed + 1)
         with torch.no_grad():
@@ -110,27 +116,57 @@ def peft_twin(base, method: str = "lora", seed: int = 0, r: int = 8, alpha: floa
                     noise = torch.randn(layer.magnitude.shape, generator=g).to(layer.magnitude.device)
                     layer.magnitude.mul_(1 + 0.1 * noise)
                     refs["magnitude"].copy_(layer.magnitude)
+            for path, wrapper in modules_to_save(ours).items():  # a trained head moved off its start, the same
+                refs = dict(trained_copy(theirs, path).named_parameters())
+                for name, p in wrapper.trained.named_parameters():
+                    p.add_(0.1 * torch.randn(p.shape, generator=g).to(p.device))
+                    refs[name].copy_(p)
     return ours, theirs
 
 
-def compare_with_peft(ours, theirs, ids, seed: int = 123) -> dict:
+def trained_copy(peft_model, path: str):
+    """peft's trainable copy of a module it trains fully (modules_to_save) at `path`."""
+    return peft_model.get_submodule("base_model.model." + path).modules_to_save["default"]
+
+
+def output_of(out) -> torch.Tensor:
+    """The tensor a model's output stands for: its logits; else its last hidden state (and pooled output, which
+    BERT computes with a layer of its own), flattened; else the output itself."""
+    if hasattr(out, "logits"):
+        return out.logits
+    if hasattr(out, "last_hidden_state"):
+        parts = [out.last_hidden_state, getattr(out, "pooler_output", None)]
+        return torch.cat([p.flatten() for p in parts if p is not None])
+    return out
+
+
+def compare_with_peft(ours, theirs, inputs, seed: int = 123) -> dict:
     """Forward and backward through both in train mode (same dropout masks); the largest differences of the
-    logits and of each adapter parameter's gradient over all layers."""
-    logits = []
+    outputs and of each trained parameter's gradient over all layers. `inputs`: token ids (a tensor, passed as
+    input_ids), a dict of keyword arguments, or for a plain nn.Module a tuple of positional arguments."""
+    outputs = []
     for model in (ours, theirs):
         model.train()
         model.zero_grad(set_to_none=True)
         torch.manual_seed(seed)  # the same dropout masks in both
-        out = model(input_ids=ids).logits
+        if isinstance(inputs, dict):
+            out = output_of(model(**inputs))
+        elif isinstance(inputs, tuple):
+            out = output_of(model(*inputs))
+        else:
+            out = output_of(model(input_ids=inputs))
         out.float().pow(2).mean().backward()
-        logits.append(out.detach())
-    diffs = {"logits": (logits[0].float() - logits[1].float()).abs().max().item()}
-    for path, layer in adapter_layers(ours).items():
-        for name, ref in peft_params(theirs, path).items():
-            mine = getattr(layer, name)
-            if mine.grad is None or ref.grad is None or mine.grad.abs().sum() == 0:
-                raise AssertionError(f"{path}.{name} got no gradient: the comparison would prove nothing.")
-            diffs[name] = max(diffs.get(name, 0.0), (mine.grad - ref.grad).abs().max().item())
+        outputs.append(out.detach())
+    diffs = {"logits": (outputs[0].float() - outputs[1].float()).abs().max().item()}
+    pairs = [(name, getattr(layer, name), ref) for path, layer in adapter_layers(ours).items()
+             for name, ref in peft_params(theirs, path).items()]
+    for path, wrapper in modules_to_save(ours).items():
+        refs = dict(trained_copy(theirs, path).named_parameters())
+        pairs += [(f"saved {name}", p, refs[name]) for name, p in wrapper.trained.named_parameters()]
+    for name, mine, ref in pairs:
+        if mine.grad is None or ref.grad is None or mine.grad.abs().sum() == 0:
+            raise AssertionError(f"{name} got no gradient: the comparison would prove nothing.")
+        diffs[name] = max(diffs.get(name, 0.0), (mine.grad - ref.grad).abs().max().item())
     return diffs
 
 
