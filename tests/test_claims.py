@@ -100,3 +100,11 @@ def test_guide_sends_models_that_do_not_fit_to_qlora():
     assert advise("speed", fake_result(BASE), model_billions=7, gpu_gb=40).startswith("LoRA+")
     with pytest.raises(ValueError, match="constraint"):
         advise("cost", fake_result(BASE))
+
+
+def test_step_time_claims_use_interleaved_timings_when_given():
+    timings = {"times": {m: [1.0 + 0.01 * (i % 3) for i in range(30)] for m in SHOWDOWN}}
+    timings["times"]["dora"] = [1.4 + 0.01 * (i % 3) for i in range(30)]
+    rows = claims(fake_result(BASE), timings=timings)  # the showdown's own times say 1.0x; the timings 1.4x
+    assert verdict(rows, "DoRA is 1.3-1.5x") == HOLDS
+    assert "interleaved" in next(r["measured"] for r in rows if r["claim"].startswith("DoRA is 1.3"))

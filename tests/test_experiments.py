@@ -63,3 +63,14 @@ def test_showdown_asks_for_every_learning_rate():
 
     with pytest.raises(ValueError, match="No learning rate for"):
         showdown(SHOWDOWN, lrs={"lora": 1e-3}, base=object())
+
+
+@pytest.mark.slow
+def test_step_times_are_measured_interleaved_for_every_method(tokenizer):
+    from nanopeft.lab.experiments import step_times
+
+    base = tiny_llama(vocab_size=len(tokenizer))  # a tiny model that reads the real prompts
+    result = step_times(("lora", "qlora", "lora+"), lrs={"lora": 1e-3, "qlora": 1e-3, "lora+": 1e-3}, steps=3,
+                        budget=Budget(r=4), base=base, tokenizer=tokenizer)
+    assert set(result["times"]) == {"lora", "qlora", "lora+"}
+    assert all(len(t) == 3 and all(s > 0 for s in t) for t in result["times"].values())

@@ -7,6 +7,7 @@ The long runs behind the notebooks (their results ship in nanopeft/lab/results/)
     python -m nanopeft showdown --seeds 5        # every method, 5 seeds, at the chosen learning rates
     python -m nanopeft loraplus-sweep --seeds 3  # LoRA+ ratios 1..32
     python -m nanopeft dora-study --seeds 3      # DoRA's magnitude/direction study (notebook 02)
+    python -m nanopeft step-times                # every method's step time, interleaved (the time ratios)
 """
 from __future__ import annotations
 
@@ -128,6 +129,11 @@ def main(argv=None) -> None:
     sw.add_argument("--lrs", default=str(RESULTS_DIR / "lr_sweep.json"))
     sw.add_argument("--reuse", default=None, help="a showdown JSON: reuse its lora+ runs at the same lr")
     sw.add_argument("--out", default="runs/loraplus_sweep.json")
+    tm = sub.add_parser("step-times", help="every method's step time, measured interleaved (for the ratios)")
+    tm.add_argument("--steps", type=int, default=30)
+    tm.add_argument("--methods", nargs="+", default=list(SHOWDOWN))
+    tm.add_argument("--lrs", default=str(RESULTS_DIR / "lr_sweep.json"))
+    tm.add_argument("--out", default="runs/step_times.json")
     st = sub.add_parser("dora-study", help="full fine-tuning vs LoRA vs DoRA: how the weights move")
     st.add_argument("--steps", type=int, default=40)
     st.add_argument("--seeds", type=int, default=3)
@@ -138,8 +144,11 @@ def main(argv=None) -> None:
         return demo(args)
 
     report = lambda run: print(_run_line(run), flush=True)  # noqa: E731
-    budget = Budget(steps=args.steps)
-    if args.command == "lr-sweep":
+    budget = Budget() if args.command == "step-times" else Budget(steps=args.steps)
+    if args.command == "step-times":
+        lrs = json.loads(Path(args.lrs).read_text())["chosen"]
+        result = experiments.step_times(args.methods, lrs=lrs, steps=args.steps, budget=budget, progress=True)
+    elif args.command == "lr-sweep":
         result = experiments.lr_sweep(args.methods, budget=budget, progress=True, callback=report,
                                       tickets=args.tickets)
         print("chosen on validation:", result["chosen"])

@@ -120,24 +120,37 @@ def quantize_blockwise(x: torch.Tensor, code: torch.Tensor, blocksize: int):
         tail_max = flat[full:].abs().max().clamp(min=1e-38)
         parts.append(flat[full:] / tail_max)
         maxes.append(tail_max.view(1))
-    scaled = torch.cat(parts).clamp(-1, 1)  # (n,)
-    midpoints = (code[:-1] + code[1:]) / 2  # level j wins on (midpoint j-1, midpoint j]
-    return torch.bucketize(scaled, midpoints), torch.cat(maxes)
+    scaled = (torch.cat(parts) if len(parts) > 1 else parts[0]).clamp_(-1, 1)  # (n,)
+    return nearest_level(scaled, code), torch.cat(maxes)
+
+
+def nearest_level(values: torch.Tensor, code: torch.Tensor) -> torch.Tensor:
+    """The index of the nearest level of `code` (sorted) for each value; a value exactly half-way between two levels
+    goes to the lower one. Level j is nearest on (midpoint j-1, midpoint j], so its index is the number of midpoints
+    strictly below the value. For NF4's 15 midpoints, counting them (15 comparisons per value) is 2-3x faster on a
+    CPU than a binary search; for the 255 of the 8-bit dynamic code, the binary search (`bucketize`) wins."""
+    midpoints = (code[:-1] + code[1:]) / 2
+    if midpoints.numel() > 32:
+        return torch.bucketize(values, midpoints)
+    index = torch.zeros(values.shape, dtype=torch.uint8, device=values.device)
+    for m in midpoints.tolist():
+        index += values > m  # (n,): one more for every midpoint below
+    return index.long()
 
 
 def dequantize_blockwise(indices: torch.Tensor, absmax: torch.Tensor, code: torch.Tensor, blocksize: int):
     """code[index] * absmax of its block, float32, flat (n,)."""
-    return scale_blocks(code[indices], absmax, blocksize)
+    return scale_blocks_(code[indices], absmax, blocksize)
 
 
-def scale_blocks(values: torch.Tensor, absmax: torch.Tensor, blocksize: int) -> torch.Tensor:
-    """values (n,) in [-1, 1] times the absmax of their block: (n,)."""
+def scale_blocks_(values: torch.Tensor, absmax: torch.Tensor, blocksize: int) -> torch.Tensor:
+    """Multiply values (n,) in [-1, 1] by the absmax of their block, in place (a broadcast, no repeat); returns it."""
     n = values.numel()
     full = n - n % blocksize
-    out = (values[:full].view(-1, blocksize) * absmax[: full // blocksize].view(-1, 1)).reshape(-1)
+    values[:full].view(-1, blocksize).mul_(absmax[: full // blocksize].view(-1, 1))  # (blocks, bs) * (blocks, 1)
     if full < n:
-        out = torch.cat([out, values[full:] * absmax[-1]])
-    return out
+        values[full:].mul_(absmax[-1])  # the last, shorter block
+    return values
 
 
 def pack(indices: torch.Tensor) -> torch.Tensor:
@@ -268,9 +281,10 @@ def dequantize_nf4(q: NF4Tensor, dtype: torch.dtype | None = None, kernel: str =
             raise ImportError("kernel='triton' needs Triton (pip install triton; CUDA builds of torch include it).")
         return dequantize_kernel(q.packed, q.block_absmax(), _code_on("nf4", q.packed.device), q.shape, q.blocksize,
                                  dtype or q.dtype)
-    pairs = _code_on("nf4-pairs", q.packed.device)  # (256, 2)
-    values = pairs.index_select(0, q.packed.view(-1).int()).view(-1)[: q.numel]  # float32 (n,)
-    return scale_blocks(values, q.block_absmax(), q.blocksize).view(q.shape).to(dtype or q.dtype)
+    # the 256 x 2 table read as 256 eight-byte words: one gather fetches both values of a byte at once
+    words = _code_on("nf4-pairs", q.packed.device).view(torch.int64).view(-1)  # (256,)
+    values = words.index_select(0, q.packed.view(-1).int()).view(torch.float32)[: q.numel]  # (n,) high, low, ...
+    return scale_blocks_(values, q.block_absmax(), q.blocksize).view(q.shape).to(dtype or q.dtype)
 
 
 # ------------------------------------------------------------------------------------------------- the layer

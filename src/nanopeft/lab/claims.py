@@ -26,8 +26,11 @@ GPU_SHARE = 0.8  # the advice's rule of thumb: the weights and adapter states ma
 #                  for activations (which grow with batch x length) and the CUDA context (about 0.5 GB)
 
 
-def claims(showdown: dict) -> list:
-    """Each claim with: claim, source, measured, interval (text), rule, verdict."""
+def claims(showdown: dict, timings: dict | None = None) -> list:
+    """Each claim with: claim, source, measured, interval (text), rule, verdict.
+
+    timings: a `step_times` result (methods timed step by step, interleaved); the step-time claims use it when
+    given, else the showdown's own step times (runs apart in time, so other work on the machine weighs in)."""
     by = groups(showdown)
     rows = {r["method"]: r for r in table(showdown)}
     cfg = showdown["config"]
@@ -43,18 +46,22 @@ def claims(showdown: dict) -> list:
         return paired_bootstrap(correct_matrix(by[a]), correct_matrix(by[b]))
 
     def time_ratio(a, b):
+        if timings is not None:  # one row of interleaved steps, the first (warm-up) one dropped
+            return paired_bootstrap([timings["times"][a][1:]], [timings["times"][b][1:]], kind="ratio")
         return paired_bootstrap(time_matrix(by[a]), time_matrix(by[b]), kind="ratio")
+
+    timed = "timed step by step, interleaved," if timings is not None else "during the showdown,"
 
     def pct(i):
         return i.format(100, " pts")
 
     t = time_ratio("dora", "lora")
     add("DoRA is 1.3-1.5x slower than LoRA per step", "seed article 'real differences'",
-        f"DoRA / LoRA step time on this {where}, all linear layers, r={cfg['r']} (on a GPU the ratio differs: "
-        f"see benchmarks/dora_step.py)", t.format(digits=2, unit="x"), "ratio in [1.3, 1.5]",
+        f"DoRA / LoRA step time, {timed} on this {where}, all linear layers, r={cfg['r']} (on a GPU the ratio "
+        f"differs: benchmarks/dora_step.py)", t.format(digits=2, unit="x"), "ratio in [1.3, 1.5]",
         verdict(t, 1.3, 1.5))
     add("DoRA trains at near the same speed as LoRA", "seed article 'compared'",
-        f"DoRA / LoRA step time on this {where}", t.format(digits=2, unit="x"), f"ratio <= {NEAR}",
+        f"DoRA / LoRA step time, {timed} on this {where}", t.format(digits=2, unit="x"), f"ratio <= {NEAR}",
         verdict(t, 0, NEAR))
     p = rows["dora"]["trainable_parameters"] / rows["lora"]["trainable_parameters"] - 1
     add("DoRA adds under 5% trainable parameters", "seed article 'variants'",
@@ -75,7 +82,8 @@ def claims(showdown: dict) -> list:
         "test accuracy, QLoRA - LoRA", pct(d), f"|difference| <= {CLOSE:.0%}", verdict(d, -CLOSE, CLOSE))
     q = time_ratio("qlora", "lora")
     add("QLoRA is slower (quantize/dequantize overhead)", "seed article 'compared'",
-        f"QLoRA / LoRA step time on this {where}", q.format(digits=2, unit="x"), "ratio > 1", verdict(q, 1 + 1e-9))
+        f"QLoRA / LoRA step time, {timed} on this {where}", q.format(digits=2, unit="x"), "ratio > 1",
+        verdict(q, 1 + 1e-9))
     d = accuracy_gap("qdora", "full")
     add("QDoRA can match or surpass full fine-tuning", "seed article 'compared'",
         "test accuracy, QDoRA - full fine-tuning of the same matrices", pct(d), f"difference >= -{CLOSE:.0%}",

@@ -35,7 +35,7 @@ from .analysis import WeightRecorder, per_neuron_change
 from .data import correct, evaluate, load_task
 from .memory import COUNTED
 from .models import load_base_model
-from .train import summarize, train
+from .train import encode, summarize, train, training_step
 
 
 @dataclass(frozen=True)
@@ -109,7 +109,10 @@ def build(name: str, base, lr: float, budget: Budget = Budget(), seed: int = 0, 
         model.float()  # full fine-tuning keeps its trained weights in float32 (float16 would lose small updates)
     torch.manual_seed(seed)
     if r.four_bit:
-        quantize_model(model)
+        # the 4-bit matmuls compute in the base's dtype (bitsandbytes' compute dtype); prepare_for_kbit_training then
+        # keeps the small tensors (norms, embeddings) in float32, as peft does
+        dtype = next(model.parameters()).dtype
+        quantize_model(model, compute_dtype=None if dtype == torch.float32 else dtype)
         prepare_for_kbit_training(model, gradient_checkpointing=False)
     if r.adapter is None:
         train_only(model, targets)
@@ -307,3 +310,31 @@ def dora_study(methods=("full", "lora", "dora"), seeds=range(3), steps: int = 40
     return {"config": {"methods": list(methods), "seeds": seeds, "steps": steps, "checkpoints": checkpoints,
                        "targets": list(targets), "r": r, "lrs": lrs, "batch_size": batch_size,
                        "hardware": hardware()}, "runs": runs}
+
+
+def step_times(methods=SHOWDOWN, lrs=None, steps: int = 30, budget: Budget = Budget(), base=None, tokenizer=None,
+               progress=None) -> dict:
+    """Seconds per training step of every method, measured interleaved: all models built first, then step k of
+    every method before step k + 1 of any, on the same batches. Whatever else the machine does then slows all
+    methods alike, so the ratios between methods are what this measures well (the showdown's own step times come
+    from runs hours apart)."""
+    lrs = lrs or {}
+    base, tokenizer, task = _setup(base, tokenizer, tickets=6)
+    built = {name: build(name, base, lrs.get(name, 1e-4), budget) for name in methods}
+    scalers = {name: torch.amp.GradScaler(next(m.parameters()).device.type, enabled=False) for name, (m, _) in
+               built.items()}
+    device = next(base.parameters()).device
+    times = {name: [] for name in methods}
+    for model, _ in built.values():
+        model.train()
+    for k in range(steps):
+        batch = encode(tokenizer, task.train[k * budget.batch_size % len(task.train):][: budget.batch_size], device)
+        for name, (model, optimizer) in built.items():
+            trainable = [p for p in model.parameters() if p.requires_grad]
+            _, _, seconds = training_step(model, batch, optimizer, scalers[name], trainable)
+            optimizer.zero_grad(set_to_none=True)
+            times[name].append(seconds)
+        if progress:
+            print(f"step {k + 1}/{steps}: " + ", ".join(f"{n} {t[-1]:.2f} s" for n, t in times.items()), flush=True)
+    return {"config": {**dataclasses.asdict(budget), "methods": list(methods), "steps": steps,
+                       "hardware": hardware()}, "times": times}

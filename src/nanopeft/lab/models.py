@@ -197,7 +197,8 @@ def tiny_qwen2(seed: int = 0, **overrides):
 # Tiny random configs of the architectures courses fine-tune, for offline tests and lesson 01's "your own model".
 # Every Linear is 64 or 128 wide. (transformers class, config class, config fields)
 TINY_ARCHITECTURES = {
-    "gpt2": ("GPT2LMHeadModel", "GPT2Config", dict(vocab_size=256, n_embd=64, n_layer=2, n_head=4, n_positions=128)),
+    "gpt2": ("GPT2LMHeadModel", "GPT2Config", dict(vocab_size=256, n_embd=64, n_layer=2, n_head=4, n_positions=128,
+                                                  bos_token_id=0, eos_token_id=0)),
     "bert": ("BertModel", "BertConfig", dict(vocab_size=256, hidden_size=64, num_hidden_layers=2,
                                             num_attention_heads=4, intermediate_size=128, max_position_embeddings=128)),
     "bert-classifier": ("BertForSequenceClassification", "BertConfig",
@@ -210,7 +211,7 @@ TINY_ARCHITECTURES = {
                                                          num_heads=4, decoder_start_token_id=0)),
     "llama": ("LlamaForCausalLM", "LlamaConfig", TINY_CONFIG),
     "qwen2": ("Qwen2ForCausalLM", "Qwen2Config", TINY_CONFIG),
-    "phi3": ("Phi3ForCausalLM", "Phi3Config", {**TINY_CONFIG, "pad_token_id": 0}),
+    "phi3": ("Phi3ForCausalLM", "Phi3Config", {**TINY_CONFIG, "pad_token_id": 0, "bos_token_id": 1, "eos_token_id": 2}),
     "opt": ("OPTForCausalLM", "OPTConfig", dict(vocab_size=256, hidden_size=64, num_hidden_layers=2, ffn_dim=128,
                                                num_attention_heads=4, max_position_embeddings=128, word_embed_proj_dim=64)),
 }

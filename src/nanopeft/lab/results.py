@@ -18,6 +18,7 @@ RESULTS = {
     "loraplus_sweep": f"python -m nanopeft loraplus-sweep --seeds 3 --reuse {OUT[6:]}showdown.json "
                       f"{OUT}loraplus_sweep.json",
     "dora_study": f"python -m nanopeft dora-study --seeds 3 {OUT}dora_study.json",
+    "step_times": f"python -m nanopeft step-times {OUT}step_times.json",
 }
 
 

@@ -136,29 +136,14 @@ def train(model, tokenizer, examples, steps: int, optimizer, batch_size: int = 8
                 cursor += 1
             batch = encode(tokenizer, batch_examples, device)
 
-            if device.type == "cuda":
-                torch.cuda.synchronize(device)
-            start = time.perf_counter()
-            # 2-3. forward on the answer tokens only (counting what autograd saves), backward, step
-            with SavedTensors(model) as saved:
-                logits = model(input_ids=batch["input_ids"], attention_mask=batch["attention_mask"],
-                               logits_to_keep=batch["keep"]).logits  # (B, keep, V)
-                loss = answer_loss(logits, batch["labels"])
-            scaler.scale(loss).backward()
-            if max_grad_norm is not None:
-                scaler.unscale_(optimizer)  # clip the true gradients, not the scaled ones
-                torch.nn.utils.clip_grad_norm_(trainable, max_grad_norm)
-            scaler.step(optimizer)  # skipped if a gradient overflowed (float16 only)
-            scaler.update()
+            # 2-3. forward on the answer tokens only, backward, step
+            loss, saved, step_time = training_step(model, batch, optimizer, scaler, trainable, max_grad_norm)
             if scheduler is not None:
                 scheduler.step()
-            if device.type == "cuda":
-                torch.cuda.synchronize(device)
-            step_time = time.perf_counter() - start
 
             # 4. record, with the gradients still alive (that is when memory peaks)
-            record = {"step": step, "loss": loss.item(), "step_time": step_time, "lr": optimizer.param_groups[0]["lr"],
-                      "memory": meter.step(saved.nbytes), "last": step == steps}
+            record = {"step": step, "loss": loss, "step_time": step_time, "lr": optimizer.param_groups[0]["lr"],
+                      "memory": meter.step(saved), "last": step == steps}
             optimizer.zero_grad(set_to_none=True)
             history.append(record)
             bar.set_postfix(loss=f"{record['loss']:.3f}")
@@ -166,6 +151,29 @@ def train(model, tokenizer, examples, steps: int, optimizer, batch_size: int = 8
                 callback(record)
     model.eval()
     return history
+
+
+def training_step(model, batch: dict, optimizer, scaler, trainable: list, max_grad_norm: float | None = 1.0):
+    """One step: forward on the answer positions (counting the bytes autograd saves), backward (with the loss
+    scaled where the scaler is on), clip, optimizer step. Returns (loss, saved bytes, seconds); the gradients are
+    left in place (the caller records memory, then zeroes them)."""
+    device = batch["input_ids"].device
+    if device.type == "cuda":
+        torch.cuda.synchronize(device)
+    start = time.perf_counter()
+    with SavedTensors(model) as saved:
+        logits = model(input_ids=batch["input_ids"], attention_mask=batch["attention_mask"],
+                       logits_to_keep=batch["keep"]).logits  # (B, keep, V)
+        loss = answer_loss(logits, batch["labels"])
+    scaler.scale(loss).backward()
+    if max_grad_norm is not None:
+        scaler.unscale_(optimizer)  # clip the true gradients, not the scaled ones
+        torch.nn.utils.clip_grad_norm_(trainable, max_grad_norm)
+    scaler.step(optimizer)  # skipped if a gradient overflowed (float16 only)
+    scaler.update()
+    if device.type == "cuda":
+        torch.cuda.synchronize(device)
+    return loss.item(), saved.nbytes, time.perf_counter() - start
 
 
 def summarize(history: list) -> dict:
