@@ -21,19 +21,26 @@ $(STAMP): pyproject.toml constraints.txt
 demo: $(STAMP)
 	$(PY) -m nanopeft demo
 
-# Unit tests and every notebook (nbval-lax: only cells marked NBVAL_CHECK_OUTPUT compare outputs).
-# NANOPEFT_QUICK=1 shortens training in the notebooks; the committed outputs come from full runs.
+# Unit tests, then every notebook as a learner opens it: copied into an empty folder outside the repository (as
+# Colab opens one after `pip install`) and run with nbval-lax (only cells marked NBVAL_CHECK_OUTPUT compare their
+# outputs). NANOPEFT_QUICK=1 shortens training in the notebooks; the committed outputs come from full runs.
+# The exercise notebooks are tested by tests/test_exercises.py (their blanks stop them by design).
 test: $(STAMP)
-	CI=$${CI:-1} NANOPEFT_QUICK=1 $(PY) -m pytest -q -p no:cacheprovider tests notebooks --nbval-lax --durations=10
+	CI=$${CI:-1} NANOPEFT_QUICK=1 $(PY) -m pytest -q -p no:cacheprovider tests --durations=10
+	tmp=$$(mktemp -d) && cp notebooks/*.ipynb notebooks/solutions/*.ipynb $$tmp/ && cd $$tmp && \
+	  CI=$${CI:-1} NANOPEFT_QUICK=1 $(abspath $(PY)) -m pytest -q -p no:cacheprovider --nbval-lax --nbval-current-env \
+	    --durations=12 *.ipynb; status=$$?; cd / && rm -rf $$tmp; exit $$status
 
 unit: $(STAMP)
 	$(PY) -m pytest -q tests
 
-# Re-execute every notebook in place, full length (what gets committed).
+# Re-execute every notebook in place, full length (what gets committed), and write the exercise notebooks from the
+# solutions.
 notebooks: $(STAMP)
-	for nb in notebooks/*.ipynb; do \
-	  $(VENV)/bin/jupyter nbconvert --to notebook --execute --inplace --ExecutePreprocessor.timeout=600 $$nb || exit 1; \
+	for nb in notebooks/*.ipynb notebooks/solutions/*.ipynb; do \
+	  $(VENV)/bin/jupyter nbconvert --to notebook --execute --inplace --ExecutePreprocessor.timeout=900 $$nb || exit 1; \
 	done
+	$(PY) notebooks/make_exercises.py
 
 lab: $(STAMP)
 	$(VENV)/bin/jupyter lab notebooks
@@ -42,6 +49,7 @@ bench: $(STAMP)
 	$(PY) benchmarks/lora_step.py
 	$(PY) benchmarks/dora_step.py
 	$(PY) benchmarks/nf4.py
+	$(PY) benchmarks/gpu_step.py
 
 clean:
 	rm -rf $(VENV) .pytest_cache

@@ -56,11 +56,11 @@ def setup(args):
     return base, batch, desc
 
 
-def nanopeft_model(base, method, r):
+def nanopeft_model(base, method, r, **options):
     from nanopeft import add_adapters
 
     torch.manual_seed(0)
-    return add_adapters(copy.deepcopy(base), method=method, r=r, alpha=2 * r, targets=TARGETS)
+    return add_adapters(copy.deepcopy(base), method=method, r=r, alpha=2 * r, targets=TARGETS, **options)
 
 
 def peft_model(base, method, r):
@@ -110,10 +110,12 @@ def compare(models: dict, batch, device, repeats: int) -> dict:
     return results
 
 
-def ratio(results, a, b, target=None):
+def ratio(results, a, b, target=None, peak_target=None):
     t = results[a]["time"] / results[b]["time"]
     m = results[a]["saved"] / results[b]["saved"]
-    line = f"{a} / {b}: time {t:.3f}, saved-for-backward memory {m:.3f}"
+    line = f"{a} / {b}: time {t:.3f}" + (f" (target <= {target})" if target else "")
+    line += f", saved-for-backward memory {m:.3f}"
     if results[a]["peak"]:
         line += f", CUDA peak {results[a]['peak'] / results[b]['peak']:.3f}"
-    print(line + (f"   (target <= {target})" if target else ""))
+        line += f" (target <= {peak_target})" if peak_target else ""
+    print(line)

@@ -1,19 +1,18 @@
 """NF4 and QLoRA, nanopeft vs bitsandbytes (+ transformers + peft), measured side by side in one run.
 
-    python benchmarks/nf4.py                 # bundled SmolLM2-135M on the CPU
-    python benchmarks/nf4.py --steps 5       # more QLoRA steps
+    python benchmarks/nf4.py                       # on the CPU (and on the GPU too, when there is one)
+    python benchmarks/nf4.py --device cuda         # the GPU only
+    python benchmarks/nf4.py --steps 5             # more QLoRA steps
 
-1. Quantize and dequantize throughput on the bundled model's weight matrices (all 210 of them, each of the four
-   shapes timed separately), with double quantization, ours vs `bitsandbytes.functional.quantize_4bit` /
-   `dequantize_4bit`. Interleaved runs, medians; ratio = our time / theirs (target: <= 2 on the CPU).
-   On the CPU bitsandbytes quantizes in PyTorch (as we do) but dequantizes with a C kernel (AVX512 here); its own
-   PyTorch dequantize path (used where that kernel is not available) is timed too.
+1. Quantize and dequantize (NF4, blocks of 64, double quantization) on the bundled model's weight matrices (210 of
+   them, each of the four shapes timed), interleaved runs, medians; ratio = our time / bitsandbytes'.
+   CPU: ours (PyTorch) against bitsandbytes' C kernel (AVX512 here) and its own PyTorch path.
+   CUDA: ours in PyTorch, ours as one Triton kernel (nanopeft/nf4_triton.py) and, with --compile, the PyTorch
+   version through torch.compile, against bitsandbytes' CUDA kernel; throughput in GB/s against the bandwidth a
+   plain device-to-device copy reaches in the same run. Targets: CPU dequantize <= 2, quantize <= 1; CUDA <= 1.2.
 2. A QLoRA training step (all linear layers, r=8, a batch of real tickets): ours (`quantize_model` + `add_adapters`)
    vs transformers' `BitsAndBytesConfig(nf4, double quant)` + peft's `prepare_model_for_kbit_training` +
-   `get_peft_model`. Step time (median), and peak memory as the exact bytes of the tensors alive at the backward:
-   weights (4-bit codes and their quantization state included, which bitsandbytes keeps outside the module's
-   parameters), adapters, gradients, optimizer state and the activations autograd saves (target: ours/theirs
-   <= 1.05). The process's RSS is not used: both models live in one process.
+   `get_peft_model`: median step time and the exact bytes of the tensors alive at the backward (target <= 1.05).
 """
 import argparse
 import copy
@@ -24,59 +23,87 @@ import time
 import torch
 
 os.environ.setdefault("HF_HUB_OFFLINE", "1")
+TARGETS = {"cpu": {"quantize": 1.0, "dequantize": 2.0}, "cuda": {"quantize": 1.2, "dequantize": 1.2}}
 
 
-def timeit(fn, repeats):
-    fn()  # warm-up
+def timeit(fn, repeats, device):
+    fn()  # warm-up (and, for torch.compile, the compilation)
     times = []
     for _ in range(repeats):
+        if device.type == "cuda":
+            torch.cuda.synchronize(device)
         start = time.perf_counter()
         fn()
+        if device.type == "cuda":
+            torch.cuda.synchronize(device)
         times.append(time.perf_counter() - start)
     return statistics.median(times)
 
 
-def throughput(model, repeats):
+def copy_bandwidth(device, repeats):
+    """GB/s of a plain device-to-device copy of 256 MiB (read + write): the bound for a memory-bound kernel."""
+    x = torch.empty(2**28, dtype=torch.uint8, device=device)
+    y = torch.empty_like(x)
+    return 2 * x.numel() / timeit(lambda: y.copy_(x), repeats, device) / 1e9
+
+
+def throughput(model, device, repeats, compile_):
     import bitsandbytes.functional as bf
     from bitsandbytes.backends.default.ops import _dequantize_4bit_compute
 
     from nanopeft.nf4 import dequantize_nf4, quantize_nf4
 
+    dtype = torch.float32 if device.type == "cpu" else torch.float16
     shapes = {}
     for name, m in model.named_modules():
         if isinstance(m, torch.nn.Linear) and not name.endswith("lm_head"):
             shapes.setdefault(tuple(m.weight.shape), []).append(m.weight.detach())
-    print(f"1. quantize / dequantize (NF4, blocks of 64, double quantization), median of {repeats}, "
-          f"{torch.get_num_threads()} threads")
-    totals = {"q ours": 0, "q bnb": 0, "d ours": 0, "d bnb": 0, "d bnb torch": 0}
-    code = bf.get_4bit_type("nf4", device="cpu")
+    ours = {"torch": lambda q: dequantize_nf4(q, kernel="torch")}
+    if device.type == "cuda":
+        ours["triton"] = lambda q: dequantize_nf4(q, kernel="triton")
+    if compile_:
+        compiled = torch.compile(lambda q: dequantize_nf4(q, kernel="torch"), dynamic=False)
+        ours["compiled"] = compiled
+    print(f"1. {device}: quantize / dequantize to {dtype} (NF4, blocks of 64, double quantization), medians of "
+          f"{repeats}, interleaved; {torch.get_num_threads()} CPU threads")
+    bound = copy_bandwidth(device, repeats) if device.type == "cuda" else None
+    if bound:
+        print(f"   a plain copy moves {bound:.0f} GB/s on this GPU (read + write): the bound for dequantizing")
+    totals = {}
     for shape, weights in shapes.items():
-        w = weights[0]
+        w = weights[0].to(device, dtype)
         q = quantize_nf4(w, double_quant=True)
         packed, state = bf.quantize_4bit(w, blocksize=64, quant_type="nf4", compress_statistics=True)
+        bnb_code = bf.get_4bit_type("nf4", device=device)
         t = {}
         for _ in range(2):  # interleave: ours, theirs, ours, theirs
-            t["q ours"] = timeit(lambda: quantize_nf4(w, double_quant=True), repeats)
-            t["q bnb"] = timeit(lambda: bf.quantize_4bit(w, blocksize=64, quant_type="nf4",
-                                                         compress_statistics=True), repeats)
-            t["d ours"] = timeit(lambda: dequantize_nf4(q), repeats)
-            t["d bnb"] = timeit(lambda: bf.dequantize_4bit(packed, state), repeats)
-            # bitsandbytes' PyTorch path, with the absmax decoded as its dequantize_4bit does first
-            t["d bnb torch"] = timeit(lambda: _dequantize_4bit_compute(
-                packed.reshape(-1), bf.dequantize_blockwise(state.absmax, state.state2) + state.offset, code, 64,
-                state.shape, torch.float32), repeats)
-        for k in totals:
-            totals[k] += t[k] * len(weights)
-        mps = w.numel() / 1e6
-        print(f"  {str(shape):>12} x{len(weights):>2}: quantize ours {mps / t['q ours']:6.0f} M/s, bnb "
-              f"{mps / t['q bnb']:6.0f} M/s (ratio {t['q ours'] / t['q bnb']:.2f}); dequantize ours "
-              f"{mps / t['d ours']:6.0f} M/s, bnb {mps / t['d bnb']:6.0f} M/s (ratio {t['d ours'] / t['d bnb']:.2f}), "
-              f"bnb's PyTorch path {mps / t['d bnb torch']:6.0f} M/s (ratio {t['d ours'] / t['d bnb torch']:.2f})")
-    print(f"  all {sum(len(v) for v in shapes.values())} matrices: quantize ours {totals['q ours']:.3f} s, bnb "
-          f"{totals['q bnb']:.3f} s -> ratio {totals['q ours'] / totals['q bnb']:.2f}   (target <= 2)")
-    print(f"  all matrices: dequantize ours {totals['d ours']:.3f} s, bnb {totals['d bnb']:.3f} s -> ratio "
-          f"{totals['d ours'] / totals['d bnb']:.2f}   (target <= 2); bnb's PyTorch path "
-          f"{totals['d bnb torch']:.3f} s -> ratio {totals['d ours'] / totals['d bnb torch']:.2f}")
+            t["quantize ours"] = timeit(lambda: quantize_nf4(w, double_quant=True), repeats, device)
+            t["quantize bnb"] = timeit(lambda: bf.quantize_4bit(w, blocksize=64, quant_type="nf4",
+                                                                compress_statistics=True), repeats, device)
+            for name, fn in ours.items():
+                t[f"dequantize ours {name}"] = timeit(lambda: fn(q), repeats, device)
+            t["dequantize bnb"] = timeit(lambda: bf.dequantize_4bit(packed, state), repeats, device)
+            if device.type == "cpu":  # bitsandbytes' PyTorch path, its absmax decoded first as dequantize_4bit does
+                t["dequantize bnb torch"] = timeit(lambda: _dequantize_4bit_compute(
+                    packed.reshape(-1), bf.dequantize_blockwise(state.absmax, state.state2) + state.offset, bnb_code,
+                    64, state.shape, dtype), repeats, device)
+        for k, v in t.items():
+            totals[k] = totals.get(k, 0.0) + v * len(weights)
+        moved = w.numel() * (0.5 + dtype.itemsize) + q.absmax.numel()  # bytes read + written by a dequantize
+        rates = "  ".join(f"{k.removeprefix('dequantize ')} {moved / v / 1e9:.0f} GB/s" for k, v in t.items()
+                          if k.startswith("dequantize"))
+        print(f"  {str(shape):>12} x{len(weights):>2}: {rates}")
+    n = sum(len(v) for v in shapes.values())
+    target = TARGETS[device.type]
+    print(f"  all {n} matrices: quantize ours {totals['quantize ours']:.4f} s, bnb {totals['quantize bnb']:.4f} s -> "
+          f"ratio {totals['quantize ours'] / totals['quantize bnb']:.2f}   (target <= {target['quantize']})")
+    for name in ours:
+        r = totals[f"dequantize ours {name}"] / totals["dequantize bnb"]
+        print(f"  all {n} matrices: dequantize ours ({name}) {totals[f'dequantize ours {name}']:.4f} s, bnb "
+              f"{totals['dequantize bnb']:.4f} s -> ratio {r:.2f}   (target <= {target['dequantize']})")
+    if "dequantize bnb torch" in totals:
+        print(f"  against bitsandbytes' own PyTorch path: ratio "
+              f"{totals['dequantize ours torch'] / totals['dequantize bnb torch']:.2f}")
 
 
 def model_tensor_bytes(model, optimizer):
@@ -105,42 +132,44 @@ def model_tensor_bytes(model, optimizer):
     return total
 
 
-def qlora_step(models, batch, steps):
+def qlora_step(models, batch, steps, device):
     from nanopeft.lab.train import forward_backward
 
-    print(f"\n2. QLoRA step (all linear layers, r=8, batch {tuple(batch['input_ids'].shape)}), {steps} interleaved "
-          f"steps each after one warm-up")
-    results = {}
+    print(f"\n2. QLoRA step on {device} (all linear layers, r=8, batch {tuple(batch['input_ids'].shape)}), {steps} "
+          f"interleaved steps each after one warm-up")
     optimizers = {n: torch.optim.AdamW([p for p in m.parameters() if p.requires_grad], lr=1e-4)
                   for n, m in models.items()}
-    times = {n: [] for n in models}
-    saved_max = dict.fromkeys(models, 0)
-    peak = dict.fromkeys(models, 0)
+    times, peak = {n: [] for n in models}, dict.fromkeys(models, 0)
     for i in range(steps + 1):
         for name, model in models.items():
             model.train()
+            if device.type == "cuda":
+                torch.cuda.synchronize(device)
             start = time.perf_counter()
             _, saved = forward_backward(model, batch)
-            held = model_tensor_bytes(model, optimizers[name])  # with gradients, before the step frees nothing
+            held = model_tensor_bytes(model, optimizers[name])  # with gradients, at the backward
             optimizers[name].step()
             optimizers[name].zero_grad(set_to_none=True)
+            if device.type == "cuda":
+                torch.cuda.synchronize(device)
             if i:
                 times[name].append(time.perf_counter() - start)
-            saved_max[name] = max(saved_max[name], saved)
             peak[name] = max(peak[name], held + saved)
+    (a, b) = models
     for name in models:
-        results[name] = (statistics.median(times[name]), peak[name], saved_max[name])
-        print(f"  {name:>32}: {statistics.median(times[name]):.2f} s/step, tensors at the backward "
-              f"{peak[name] / 2**20:.1f} MiB (of which saved activations {saved_max[name] / 2**20:.1f} MiB)")
-    (ta, pa, _), (tb, pb, _) = results.values()
-    print(f"  ours / theirs: step time {ta / tb:.3f}, peak tensor memory {pa / pb:.3f}   (target <= 1.05)")
+        print(f"  {name:>42}: {statistics.median(times[name]):.3f} s/step, tensors at the backward "
+              f"{peak[name] / 2**20:.1f} MiB")
+    print(f"  ours / theirs: step time {statistics.median(times[a]) / statistics.median(times[b]):.3f}, peak tensor "
+          f"memory {peak[a] / peak[b]:.3f}   (target <= 1.05)")
 
 
 def main():
     p = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
-    p.add_argument("--repeats", type=int, default=5)
-    p.add_argument("--steps", type=int, default=3)
+    p.add_argument("--repeats", type=int, default=7)
+    p.add_argument("--steps", type=int, default=5)
     p.add_argument("--batch-size", type=int, default=4)
+    p.add_argument("--device", default=None, help="cpu or cuda (default: the CPU, and CUDA when present)")
+    p.add_argument("--compile", action="store_true", help="also time torch.compile of the PyTorch dequantize")
     args = p.parse_args()
 
     import bitsandbytes
@@ -151,33 +180,38 @@ def main():
 
     from nanopeft import add_adapters
     from nanopeft.lab.data import load_task
+    from nanopeft.lab.experiments import hardware
     from nanopeft.lab.models import bundled_model_folder, load_base_model
-    from nanopeft.qlora import prepare_for_kbit_training, quantize_model
     from nanopeft.lab.train import encode
+    from nanopeft.lab.twins import replay_peft_init
+    from nanopeft.qlora import prepare_for_kbit_training, quantize_model
 
+    devices = [torch.device(args.device)] if args.device else \
+        [torch.device("cpu")] + ([torch.device("cuda")] if torch.cuda.is_available() else [])
     print(f"torch {torch.__version__}, bitsandbytes {bitsandbytes.__version__}, peft {peft.__version__}, "
-          f"transformers {transformers.__version__}; CPU, {torch.get_num_threads()} threads\n")
+          f"transformers {transformers.__version__}; {hardware()}\n")
     base, tok = load_base_model()
-    throughput(base, args.repeats)
-
-    ours = copy.deepcopy(base)
-    quantize_model(ours, double_quant=True)
-    prepare_for_kbit_training(ours, gradient_checkpointing=False)
-    torch.manual_seed(0)
-    add_adapters(ours, "lora", r=8, alpha=16, targets="all-linear")
-    del base
-
-    config = BitsAndBytesConfig(load_in_4bit=True, bnb_4bit_quant_type="nf4", bnb_4bit_use_double_quant=True,
-                                bnb_4bit_compute_dtype=torch.float32)
-    theirs = AutoModelForCausalLM.from_pretrained(bundled_model_folder(), quantization_config=config,
-                                                  dtype=torch.float32, device_map="cpu")
-    theirs = prepare_model_for_kbit_training(theirs, use_gradient_checkpointing=False)
-    torch.manual_seed(0)
-    theirs = get_peft_model(theirs, LoraConfig(r=8, lora_alpha=16, target_modules="all-linear"))
-
-    batch = encode(tok, load_task().train[: args.batch_size])
-    qlora_step({"nanopeft (quantize_model + add_adapters)": ours,
-                "transformers + bitsandbytes + peft": theirs}, batch, args.steps)
+    for device in devices:
+        throughput(base, device, args.repeats, args.compile)
+    for device in devices:
+        dtype = torch.float32 if device.type == "cpu" else (torch.bfloat16 if torch.cuda.get_device_capability()[0]
+                                                             >= 8 else torch.float16)
+        ours = copy.deepcopy(base).to(device, dtype)
+        quantize_model(ours, double_quant=True, compute_dtype=dtype)
+        prepare_for_kbit_training(ours, gradient_checkpointing=False)
+        add_adapters(ours, "lora", r=8, alpha=16, targets="all-linear")
+        replay_peft_init(ours, seed=0)
+        config = BitsAndBytesConfig(load_in_4bit=True, bnb_4bit_quant_type="nf4", bnb_4bit_use_double_quant=True,
+                                    bnb_4bit_compute_dtype=dtype)
+        theirs = AutoModelForCausalLM.from_pretrained(bundled_model_folder(), quantization_config=config, dtype=dtype,
+                                                      device_map={"": 0} if device.type == "cuda" else "cpu")
+        theirs = prepare_model_for_kbit_training(theirs, use_gradient_checkpointing=False)
+        torch.manual_seed(0)
+        theirs = get_peft_model(theirs, LoraConfig(r=8, lora_alpha=16, target_modules="all-linear"))
+        batch = encode(tok, load_task().train[: args.batch_size], device)
+        qlora_step({"nanopeft (quantize_model + add_adapters)": ours,
+                    "transformers + bitsandbytes + peft": theirs}, batch, args.steps, device)
+        del ours, theirs
 
 
 if __name__ == "__main__":

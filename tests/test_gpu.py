@@ -69,3 +69,89 @@ def test_lora_and_dora_match_peft_on_cuda(dtype, method):
     merged = theirs.merge_and_unload()
     for path, layer in adapter_layers(ours).items():
         torch.testing.assert_close(layer.base_layer.weight, merged.get_submodule(path).weight, rtol=0, atol=0)
+
+
+# --- added for the learner's machine: half precision, QLoRA on CUDA, the live meter, the fast NF4 paths -------------
+@pytest.mark.parametrize("dtype", [torch.bfloat16, torch.float16])
+@pytest.mark.parametrize("method", ["lora", "dora"])
+def test_qlora_and_qdora_match_peft_4bit_layer_on_cuda(dtype, method):
+    from nanopeft.lab.twins import compare_with_peft, peft_twin, quantized_bases
+
+    ours_base, theirs_base = quantized_bases(tiny_llama().to("cuda", dtype), double_quant=False)
+    ours, theirs = peft_twin(ours_base, method=method, targets="all-linear", dropout=0.1, peft_base=theirs_base)
+    assert type(theirs.get_submodule("base_model.model.model.layers.0.mlp.up_proj")).__module__ == "peft.tuners.lora.bnb"
+    diffs = compare_with_peft(ours, theirs, torch.randint(0, 256, (2, 16), device="cuda"))
+    assert all(d == 0.0 for d in diffs.values()), diffs
+
+
+def test_peft_twin_works_on_a_cuda_base():
+    from nanopeft.lab.twins import compare_with_peft, peft_twin
+
+    ours, theirs = peft_twin(tiny_llama().cuda(), method="dora", targets="all-linear")
+    assert max(compare_with_peft(ours, theirs, torch.randint(0, 256, (2, 16), device="cuda")).values()) == 0.0
+
+
+@pytest.mark.parametrize("dtype", [torch.float16, torch.bfloat16])
+def test_half_precision_training_on_cuda(dtype):
+    from transformers import AutoTokenizer
+
+    from nanopeft.lab.data import load_task
+    from nanopeft.lab.live import LiveDisplay
+    from nanopeft.lab.models import bundled_model_folder
+    from nanopeft.lab.train import train
+
+    tokenizer = AutoTokenizer.from_pretrained(bundled_model_folder())
+    model = tiny_llama(vocab_size=len(tokenizer)).to("cuda", dtype)
+    add_adapters(model, "lora", r=4, alpha=8, targets="all-linear")
+    opt = torch.optim.AdamW([p for p in model.parameters() if p.requires_grad], lr=1e-2)
+    lines = []
+    display = LiveDisplay("t", widgets=False)
+    history = train(model, tokenizer, load_task().train[:8], 6, opt, batch_size=4,
+                    callback=lambda r: (display(r), lines.append(display.line(r))))
+    assert all(torch.isfinite(torch.tensor(h["loss"])) for h in history) and history[-1]["loss"] < history[0]["loss"]
+    mem = history[-1]["memory"]
+    assert mem["cuda allocated peak"] >= sum(mem[k] for k in ("frozen weights", "trainable weights", "gradients",
+                                                              "optimizer state"))
+    assert mem["cuda reserved peak"] >= mem["cuda allocated peak"] and mem["activations"] > 0
+    assert "CUDA allocated peak" in lines[-1]
+
+
+def test_the_dtype_choice_on_this_gpu():
+    major, _ = torch.cuda.get_device_capability()
+    assert pick_dtype("cuda", verbose=False) == (torch.bfloat16 if major >= 8 else torch.float16)
+
+
+@pytest.mark.parametrize("dtype", [torch.float32, torch.float16, torch.bfloat16])
+@pytest.mark.parametrize("double_quant", [False, True])
+def test_triton_dequantize_equals_torch_on_cuda(dtype, double_quant):
+    pytest.importorskip("triton")
+    from nanopeft.nf4 import dequantize_nf4, quantize_nf4
+
+    for shape in [(576, 1536), (3, 333), (7, 100), (1, 1)]:
+        q = quantize_nf4(torch.randn(shape, device="cuda").to(dtype), double_quant=double_quant)
+        assert torch.equal(dequantize_nf4(q, kernel="triton"), dequantize_nf4(q, kernel="torch"))
+
+
+def test_nf4_bytes_equal_bitsandbytes_on_cuda():
+    import bitsandbytes.functional as bf
+
+    from nanopeft.nf4 import dequantize_nf4, quantize_nf4
+
+    w = torch.randn(576, 1536, device="cuda", dtype=torch.float16)
+    q = quantize_nf4(w)
+    packed, state = bf.quantize_4bit(w, blocksize=64, quant_type="nf4")
+    assert torch.equal(q.packed, packed) and torch.equal(q.absmax, state.absmax)
+    assert torch.equal(dequantize_nf4(q), bf.dequantize_4bit(packed, state))
+
+
+def test_factored_dora_norm_on_cuda():
+    base = tiny_llama().to("cuda", torch.bfloat16)
+    model = add_adapters(base, "dora", targets="all-linear", norm="factored")
+    with torch.no_grad():
+        for layer in adapter_layers(model).values():
+            layer.lora_B.normal_(0, 0.05)
+            factored = layer.weight_norm()
+            layer.norm = "exact"
+            exact = layer.weight_norm()
+            layer.norm = "factored"
+            assert ((factored - exact).abs() / exact).max() <= 1e-5

@@ -1,4 +1,4 @@
-"""Shared by the reference tests: nanopeft.reference builds the twins; here, the assertion."""
+"""Shared by the reference tests: nanopeft.lab.twins builds the twins; here, the assertion."""
 from nanopeft import adapter_layers
 from nanopeft.lab.twins import compare_with_peft, peft_params, peft_twin
 

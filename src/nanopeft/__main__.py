@@ -21,7 +21,7 @@ from pathlib import Path
 import torch
 
 from .adapters import add_adapters
-from .lab import experiments
+from .lab import experiments, facts
 from .lab.data import evaluate, load_task
 from .lab.device import pick_device, pick_dtype
 from .lab.experiments import SHOWDOWN, Budget
@@ -134,6 +134,8 @@ def main(argv=None) -> None:
     tm.add_argument("--methods", nargs="+", default=list(SHOWDOWN))
     tm.add_argument("--lrs", default=str(RESULTS_DIR / "lr_sweep.json"))
     tm.add_argument("--out", default="runs/step_times.json")
+    fc = sub.add_parser("facts", help="rewrite the results' numbers in README.md and lessons/*.md (or --check them)")
+    fc.add_argument("--check", action="store_true", help="exit 1 if a block differs from the results")
     st = sub.add_parser("dora-study", help="full fine-tuning vs LoRA vs DoRA: how the weights move")
     st.add_argument("--steps", type=int, default=40)
     st.add_argument("--seeds", type=int, default=3)
@@ -142,6 +144,10 @@ def main(argv=None) -> None:
     _quiet_upstream_warnings()
     if args.command == "demo":
         return demo(args)
+    if args.command == "facts":
+        stale = facts.update(["README.md", *sorted(Path("lessons").glob("*.md"))], check=args.check)
+        print(("differ from the results: " if args.check else "rewrote: ") + (", ".join(stale) or "nothing"))
+        raise SystemExit(1 if args.check and stale else 0)
 
     report = lambda run: print(_run_line(run), flush=True)  # noqa: E731
     budget = Budget() if args.command == "step-times" else Budget(steps=args.steps)

@@ -1,0 +1,191 @@
+"""The numbers the README and the lessons quote, written from the shipped results, so that each fact has one source.
+
+In a Markdown file, a block between two markers is generated:
+
+    <!-- facts: showdown -->
+    ...a table written by `blocks()["showdown"]`...
+    <!-- /facts -->
+
+    python -m nanopeft facts            # rewrite every block in README.md and lessons/*.md from the results
+    python -m nanopeft facts --check    # exit 1 if a block differs from what the results give (a test runs this)
+"""
+from __future__ import annotations
+
+import re
+from pathlib import Path
+
+import numpy as np
+
+from .analysis import slope
+from .claims import claims, loraplus_speedup
+from .estimates import LLAMA_7B, LLAMA_65B, gb, training_memory
+from .memory import fmt_bytes
+from .report import correct_matrix, groups, table
+from .results import load_result
+from .stats import paired_bootstrap
+
+MARKER = re.compile(r"(<!-- facts: (?P<name>[a-z0-9-]+) -->\n)(?P<body>.*?)(<!-- /facts -->)", re.S)
+NAMES = {"full": "full fine-tuning (same matrices)", "lora": "LoRA", "dora": "DoRA", "qlora": "QLoRA",
+         "qdora": "QDoRA", "lora+": "LoRA+ (ratio 16)"}
+
+
+def _pct(iv) -> str:
+    return f"{100 * iv.estimate:.1f}% [{100 * iv.low:.1f}, {100 * iv.high:.1f}]"
+
+
+def showdown_table(result) -> str:
+    cfg = result["config"]
+    lines = [f"| method ({cfg['steps']} steps, batch {cfg['batch_size']}, r = {cfg['r']}, {cfg['targets']}) | lr "
+             f"(chosen on validation) | test accuracy, {len(cfg['seeds'])} seeds x {cfg['test_tickets']} tickets "
+             f"[95% interval] | frozen weights | all tensors | trainable parameters |",
+             "|---|---|---|---|---|---|",
+             f"| base model, no fine-tuning | | {100 * cfg['base_accuracy']:.1f}% | | | |"]
+    for r in table(result):
+        lines.append(f"| {NAMES.get(r['method'], r['method'])} | {r['lr']:g} | {_pct(r['interval'])} | "
+                     f"{fmt_bytes(r['memory']['frozen weights'])} | {fmt_bytes(r['total_memory'])} | "
+                     f"{r['trainable_parameters']:,} |")
+    return "\n".join(lines)
+
+
+def claims_table(result, timings) -> str:
+    lines = ["| claim | source | measured | effect [95% interval] | claim's range | verdict |", "|---|---|---|---|---|---|"]
+    for c in claims(result, timings):
+        lines.append(f"| {c['claim']} | {c['source']} | {c['measured']} | {c['interval']} | {c['rule']} | "
+                     f"**{c['verdict']}** |")
+    return "\n".join(lines)
+
+
+def step_time_table(timings) -> str:
+    t, cfg = timings["times"], timings["config"]
+    lora = np.mean(t["lora"][1:])
+    lines = [f"| method | s/step | / LoRA |", "|---|---|---|"]
+    for m, times in t.items():
+        lines.append(f"| {NAMES.get(m, m)} | {np.mean(times[1:]):.2f} | {np.mean(times[1:]) / lora:.2f}x |")
+    hw = cfg["hardware"]
+    lines.append(f"\n{cfg['steps']} interleaved steps per method (the first dropped), batch {cfg['batch_size']}, "
+                 f"r = {cfg['r']} on {cfg['targets']}; {hw['processor']}, {hw['threads']} threads, "
+                 f"torch {hw['torch']}.")
+    return "\n".join(lines)
+
+
+def lr_table(sweep) -> str:
+    lines = ["| method | grid (4 points, x2 apart) | validation accuracy at each | chosen |", "|---|---|---|---|"]
+    for m in sweep["config"]["methods"]:
+        runs = [r for r in sweep["runs"] if r["method"] == m]
+        grid = ", ".join(f"{r['lr']:g}" for r in runs)
+        accuracies = ", ".join(f"{100 * r['validation_accuracy']:.0f}%" for r in runs)
+        lines.append(f"| {NAMES.get(m, m)} | {grid} | {accuracies} | {sweep['chosen'][m]:g} |")
+    return "\n".join(lines)
+
+
+def ratio_table(sweep) -> str:
+    cfg = sweep["config"]
+    lines = [f"| ratio lr_B / lr_A (A's lr {cfg['lr']:g}) | test accuracy, {len(cfg['seeds'])} seeds [95% interval] |",
+             "|---|---|"]
+    for r in table(sweep, key="ratio"):
+        lines.append(f"| {r['ratio']} | {_pct(r['interval'])} |")
+    return "\n".join(lines)
+
+
+def loraplus_lines(result) -> str:
+    by = groups(result)
+    s = loraplus_speedup(result)
+    gap = paired_bootstrap(correct_matrix(by["lora+"]), correct_matrix(by["lora"]))
+    return (f"- LoRA+ (A's lr {result['config']['lrs']['lora+']:g}, ratio 16) - LoRA (lr "
+            f"{result['config']['lrs']['lora']:g}), test accuracy: {gap.format(100, ' points')}.\n"
+            f"- Steps to LoRA's final validation accuracy ({100 * s['target']:.1f}%), first crossing against first "
+            f"crossing, per seed: LoRA {s['lora']}, LoRA+ {s['lora+']}; speed-up "
+            f"{s['interval'].format(digits=2, unit='x')}.")
+
+
+def dora_lines(study, result) -> str:
+    cfg, out = study["config"], []
+    dm = {}
+    for m in cfg["methods"]:
+        runs = [r for r in study["runs"] if r["method"] == m]
+        points = [[v for layer in r["changes"].values() for v in layer.values()] for r in runs]
+        slopes = [slope([p[0] for p in pts], [p[1] for p in pts]) for pts in points]
+        dm[m] = float(np.mean([p[0] for pts in points for p in pts]))
+        out.append(f"| {NAMES.get(m, m)} | {' / '.join(f'{s:+.3f}' for s in slopes)} | {dm[m]:.3g} |")
+    gap = paired_bootstrap(correct_matrix(groups(result)["dora"]), correct_matrix(groups(result)["lora"]))
+    head = [f"| method ({cfg['steps']} steps, {'/'.join(cfg['targets'])}, r = {cfg['r']}) | slope of dD on dM, seeds "
+            f"{'/'.join(map(str, cfg['seeds']))} | mean dM |", "|---|---|---|"]
+    tail = (f"\nDoRA's mean dM is {dm['dora'] / dm['lora']:.1f}x LoRA's. Test accuracy in the showdown (all linear "
+            f"layers, each at its own learning rate, {len(result['config']['seeds'])} seeds): DoRA - LoRA "
+            f"{gap.format(100, ' points')}.")
+    return "\n".join(head + out) + tail
+
+
+def qlora_table(result, timings) -> str:
+    rows = {r["method"]: r for r in table(result)}
+    t = {m: np.mean(timings["times"][m][1:]) for m in ("lora", "qlora", "qdora")}
+    lines = ["| | LoRA (base in the model's dtype) | QLoRA | QDoRA |", "|---|---|---|---|"]
+    for label, key in (("frozen weights", "frozen weights"), ("activations saved for the backward", "activations")):
+        lines.append(f"| {label} | " + " | ".join(fmt_bytes(rows[m]["memory"][key]) for m in t) + " |")
+    adapters = {m: sum(rows[m]["memory"][k] for k in ("trainable weights", "gradients", "optimizer state")) for m in t}
+    lines.append("| adapters + gradients + AdamW state | " + " | ".join(fmt_bytes(adapters[m]) for m in t) + " |")
+    lines.append("| all tensors | " + " | ".join(f"{fmt_bytes(rows[m]['total_memory'])} "
+                                                  f"({rows[m]['total_memory'] / rows['lora']['total_memory']:.2f}x)"
+                                                  for m in t) + " |")
+    lines.append("| test accuracy [95% interval] | " + " | ".join(_pct(rows[m]["interval"]) for m in t) + " |")
+    lines.append("| step time, interleaved (CPU) | " + " | ".join(f"{t[m]:.2f} s ({t[m] / t['lora']:.2f}x)"
+                                                                   for m in t) + " |")
+    return "\n".join(lines)
+
+
+def weight_ratios() -> str:
+    from .estimates import NF4_BITS
+
+    lines = ["| model | not in linear layers | weights, all fp32 | NF4 linear layers + the rest in fp32 | ratio | "
+             "the same, rest in 16 bits vs all 16 bits |", "|---|---|---|---|---|---|"]
+    for arch in (LLAMA_7B, LLAMA_65B):
+        nf4 = arch.linear_params * NF4_BITS / 8
+        fp32, mixed = 4 * arch.params, nf4 + 4 * arch.other_params
+        half, mixed16 = 2 * arch.params, nf4 + 2 * arch.other_params
+        lines.append(f"| {arch.name} | {arch.other_params / arch.params:.1%} | {gb(fp32):.1f} GB | {gb(mixed):.1f} GB | "
+                     f"{fp32 / mixed:.1f}x | {half / mixed16:.1f}x |")
+    lines.append(f"\nThe linear layers alone shrink 32 / {NF4_BITS:.3f} = {32 / NF4_BITS:.2f}x from float32.")
+    return "\n".join(lines)
+
+
+def memory_table() -> str:
+    lines = ["| method | Llama-2 7B | LLaMA 65B |", "|---|---|---|"]
+    for key, label in (("full-fp32", "full fine-tuning, fp32 weights + AdamW"),
+                       ("full-mixed", "full fine-tuning, mixed precision + AdamW (fp32 master copy)"),
+                       ("full-mixed-8bit-adam", "full fine-tuning, mixed precision + 8-bit AdamW"),
+                       ("lora-16bit", "LoRA r = 8 on a 16-bit base"), ("qlora", "QLoRA r = 8 (NF4 + double quant)")):
+        a, b = training_memory(LLAMA_7B, key), training_memory(LLAMA_65B, key)
+        lines.append(f"| {label} | {gb(a['total']):.1f} GB ({a['total'] / LLAMA_7B.params:.2f} B/param) | "
+                     f"{gb(b['total']):.1f} GB |")
+    lines.append("\nComputed by `nanopeft.lab.estimates` from each model's shapes; activations not included.")
+    return "\n".join(lines)
+
+
+def blocks() -> dict:
+    """{block name: Markdown}, from the shipped results."""
+    result, timings = load_result("showdown"), load_result("step_times")
+    return {"showdown": showdown_table(result), "claims": claims_table(result, timings),
+            "step-times": step_time_table(timings), "lr-sweep": lr_table(load_result("lr_sweep")),
+            "ratio-sweep": ratio_table(load_result("loraplus_sweep")), "loraplus": loraplus_lines(result),
+            "dora-study": dora_lines(load_result("dora_study"), result), "memory": memory_table(),
+            "qlora": qlora_table(result, timings), "weight-ratios": weight_ratios()}
+
+
+def update(paths, check: bool = False) -> list:
+    """Rewrite (or, with check, compare) every facts block in `paths`; returns the paths that differ."""
+    generated, stale = blocks(), []
+    for path in map(Path, paths):
+        text = path.read_text()
+
+        def fill(match):
+            name = match["name"]
+            if name not in generated:
+                raise ValueError(f"{path}: unknown facts block {name!r}; known: {sorted(generated)}")
+            return f"{match.group(1)}{generated[name]}\n{match.group(4)}"
+
+        new = MARKER.sub(fill, text)
+        if new != text:
+            stale.append(str(path))
+            if not check:
+                path.write_text(new)
+    return stale
