@@ -117,3 +117,12 @@ def test_one_name_one_meaning():
             for name in names:
                 assert name not in seen, f"{name} is defined in both {seen[name]} and {module}"
                 seen[name] = module
+
+
+def test_every_public_name_of_the_first_release_still_works():
+    names = ["LoRALinear", "DoRALinear", "add_adapters", "adapter_layers", "merge_adapters", "unmerge_adapters",
+             "remove_adapters", "trainable_parameters", "save_adapter", "load_adapter", "LinearNF4", "quantize_nf4",
+             "dequantize_nf4", "quantize_model", "prepare_for_kbit_training", "merge_quantized",
+             "create_loraplus_optimizer", "loraplus_param_groups"]
+    assert all(callable(getattr(nanopeft, name)) for name in names)
+    assert set(names) <= set(nanopeft.__all__)
