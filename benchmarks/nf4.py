@@ -104,6 +104,29 @@ def throughput(model, device, repeats, compile_):
     if "dequantize bnb torch" in totals:
         print(f"  against bitsandbytes' own PyTorch path: ratio "
               f"{totals['dequantize ours torch'] / totals['dequantize bnb torch']:.2f}")
+    nearest_level_ways(model, device, repeats)
+
+
+def nearest_level_ways(model, device, repeats):
+    """The rounding step of quantize alone: counting the 15 midpoints below each value (what nf4.nearest_level does)
+    against a binary search (torch.bucketize), on the scaled values of the largest matrix."""
+    from nanopeft.nf4 import nearest_level, nf4_code
+
+    w = max((m.weight.detach() for n, m in model.named_modules()
+             if isinstance(m, torch.nn.Linear) and not n.endswith("lm_head")), key=torch.numel)
+    w = w.to(device, torch.float32).flatten()
+    blocks = w.view(-1, 64)
+    scaled = (blocks / blocks.abs().amax(1, keepdim=True)).flatten()
+    code = nf4_code().to(device)
+    midpoints = (code[:-1] + code[1:]) / 2
+    same = torch.equal(nearest_level(scaled, code), torch.bucketize(scaled, midpoints))
+    t = {}
+    for _ in range(2):
+        t["count"] = timeit(lambda: nearest_level(scaled, code), repeats, device)
+        t["bucketize"] = timeit(lambda: torch.bucketize(scaled, midpoints), repeats, device)
+    print(f"  nearest level of {scaled.numel():,} values: counting midpoints {t['count'] * 1e3:.2f} ms, "
+          f"torch.bucketize {t['bucketize'] * 1e3:.2f} ms -> bucketize / counting {t['bucketize'] / t['count']:.2f}x "
+          f"(same indices: {same})")
 
 
 def model_tensor_bytes(model, optimizer):

@@ -100,17 +100,19 @@ def loraplus_lines(result) -> str:
 
 def dora_lines(study, result) -> str:
     cfg, out = study["config"], []
-    dm = {}
+    dm, negative = {}, []
     for m in cfg["methods"]:
         runs = [r for r in study["runs"] if r["method"] == m]
         points = [[v for layer in r["changes"].values() for v in layer.values()] for r in runs]
         slopes = [slope([p[0] for p in pts], [p[1] for p in pts]) for pts in points]
         dm[m] = float(np.mean([p[0] for pts in points for p in pts]))
+        negative.append(f"{NAMES.get(m, m)} {sum(s < 0 for s in slopes)} of {len(slopes)}")
         out.append(f"| {NAMES.get(m, m)} | {' / '.join(f'{s:+.3f}' for s in slopes)} | {dm[m]:.3g} |")
     gap = paired_bootstrap(correct_matrix(groups(result)["dora"]), correct_matrix(groups(result)["lora"]))
     head = [f"| method ({cfg['steps']} steps, {'/'.join(cfg['targets'])}, r = {cfg['r']}) | slope of dD on dM, seeds "
             f"{'/'.join(map(str, cfg['seeds']))} | mean dM |", "|---|---|---|"]
-    tail = (f"\nDoRA's mean dM is {dm['dora'] / dm['lora']:.1f}x LoRA's. Test accuracy in the showdown (all linear "
+    tail = (f"\nNegative slopes (the paper's sign for full fine-tuning and DoRA), seeds: {', '.join(negative)}. "
+            f"DoRA's mean dM is {dm['dora'] / dm['lora']:.1f}x LoRA's. Test accuracy in the showdown (all linear "
             f"layers, each at its own learning rate, {len(result['config']['seeds'])} seeds): DoRA - LoRA "
             f"{gap.format(100, ' points')}.")
     return "\n".join(head + out) + tail
