@@ -54,12 +54,14 @@ lab: $(STAMP)
 # runs/: each method's learning rate on the validation split, the 5-seed showdown at those rates, the LoRA+ ratio
 # sweep (reusing the showdown's LoRA+ runs), the weight-change study, and step times measured interleaved. To ship
 # them: cp runs/*.json src/nanopeft/lab/results/ && $(PY) -m nanopeft facts
+# The showdown and the sweep save every run as it ends (runs/*.json.partial): after an interruption, `make results`
+# again keeps them (--resume) and trains only what is missing.
 results: $(STAMP)
 	mkdir -p runs
 	CI=1 $(PY) -m nanopeft lr-sweep --out runs/lr_sweep.json
-	CI=1 $(PY) -m nanopeft showdown --seeds 5 --lrs runs/lr_sweep.json --out runs/showdown.json
+	CI=1 $(PY) -m nanopeft showdown --seeds 5 --lrs runs/lr_sweep.json --out runs/showdown.json --resume
 	CI=1 $(PY) -m nanopeft loraplus-sweep --seeds 3 --lrs runs/lr_sweep.json --reuse runs/showdown.json \
-	  --out runs/loraplus_sweep.json
+	  --out runs/loraplus_sweep.json --resume
 	CI=1 $(PY) -m nanopeft dora-study --seeds 3 --out runs/dora_study.json
 	CI=1 $(PY) -m nanopeft step-times --lrs runs/lr_sweep.json --out runs/step_times.json
 

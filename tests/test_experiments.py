@@ -44,6 +44,38 @@ def test_a_tiny_showdown_through_the_command_line(tmp_path):
     assert [r["method"] for r in rows] == ["lora", "qlora"] and all(r["seeds"] == 2 for r in rows)
     assert rows[1]["memory"]["frozen weights"] < rows[0]["memory"]["frozen weights"] / 2  # the 4-bit base
     assert "test accuracy [95% interval]" in done.stdout
+    assert not (tmp_path / "showdown.json.partial").exists()  # removed once the result is written
+
+    # An interrupted call: seed 0 saved, seed 1 missing. --resume keeps seed 0's runs and trains only seed 1.
+    settings = {"budget": {**Budget().__dict__, "steps": 2}, "lrs": {"lora": 2e-3, "qlora": 2e-3}, "tickets": 12}
+    partial = tmp_path / "showdown.json.partial"
+    partial.write_text(json.dumps({"settings": settings, "runs": result["runs"][:2]}))
+    again = subprocess.run(cmd + ["--resume"], capture_output=True, text=True, timeout=600,
+                           env={**__import__("os").environ, "CI": "1"})
+    assert again.returncode == 0, again.stderr[-2000:]
+    assert "resuming: 2 runs kept" in again.stdout
+    resumed = json.loads(out.read_text())["runs"]
+    assert resumed[:2] == result["runs"][:2]  # kept as saved, wall times included
+    assert [(r["method"], r["seed"]) for r in resumed[2:]] == [("lora", 1), ("qlora", 1)]
+
+
+def test_a_saved_partial_with_other_settings_is_refused(tmp_path):
+    from types import SimpleNamespace
+
+    from nanopeft.__main__ import _checkpoint
+
+    args = SimpleNamespace(out=str(tmp_path / "sweep.json"), resume=False)
+    done, save = _checkpoint(args, {"lr": 5e-4})
+    assert done == []
+    run = {**fake_run("lora+", 0, 16), "validation_accuracy": 0.5, "accuracy": 0.5, "mean_step_time": 1.0}
+    save(run)
+    args.resume = True
+    kept, _ = _checkpoint(args, {"lr": 5e-4})
+    assert kept == [run]
+    sweep = ratio_sweep(ratios=(16,), seeds=(0,), lr=5e-4, base=object(), tokenizer=None, done=kept)
+    assert sweep["runs"] == [run]  # nothing trained: the fake base would fail
+    with pytest.raises(SystemExit, match="other settings"):
+        _checkpoint(args, {"lr": 1e-3})
 
 
 def fake_run(method, seed, ratio):

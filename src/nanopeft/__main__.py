@@ -5,6 +5,7 @@ The long runs behind the notebooks (their results ship in nanopeft/lab/results/)
 
     python -m nanopeft lr-sweep                  # each method's learning rate, chosen on the validation split
     python -m nanopeft showdown --seeds 5        # every method, 5 seeds, at the chosen learning rates
+    python -m nanopeft showdown --seeds 5 --resume   # after an interruption: keep the runs already saved
     python -m nanopeft loraplus-sweep --seeds 3  # LoRA+ ratios 1..32
     python -m nanopeft dora-study --seeds 3      # DoRA's magnitude/direction study (notebook 02)
     python -m nanopeft step-times                # every method's step time, interleaved (the time ratios)
@@ -12,6 +13,7 @@ The long runs behind the notebooks (their results ship in nanopeft/lab/results/)
 from __future__ import annotations
 
 import argparse
+import dataclasses
 import json
 import os
 import time
@@ -90,6 +92,28 @@ def _write(result: dict, out: str) -> Path:
     return path
 
 
+def _checkpoint(args, settings: dict):
+    """(runs kept from OUT.partial if --resume, a callback that prints each new run and saves it to OUT.partial).
+
+    Long runs take hours on a CPU: saving after every run means an interrupted call loses one run, not all."""
+    partial = Path(f"{args.out}.partial")
+    runs = []
+    if args.resume and partial.is_file():
+        saved = json.loads(partial.read_text())
+        if saved["settings"] != settings:
+            raise SystemExit(f"{partial} was saved with other settings ({saved['settings']}); rerun without "
+                             f"--resume to start over, or with the same --steps/--lrs/--lr/--tickets.")
+        runs = saved["runs"]
+        print(f"resuming: {len(runs)} runs kept from {partial}", flush=True)
+
+    def save(run):
+        print(_run_line(run), flush=True)
+        runs.append(run)
+        _write({"settings": settings, "runs": runs}, str(partial))
+
+    return list(runs), save
+
+
 def _run_line(run: dict) -> str:
     score = f"test {run['accuracy']:.1%}" if run.get("accuracy") is not None else ""
     return (f"{run['method']:>12} lr {run['lr']:.2e} seed {run['seed']} ratio {run.get('ratio')}: validation "
@@ -121,6 +145,7 @@ def main(argv=None) -> None:
     sd.add_argument("--lrs", default=str(RESULTS_DIR / "lr_sweep.json"),
                     help="a lr-sweep JSON whose chosen learning rates to use")
     sd.add_argument("--out", default="runs/showdown.json")
+    sd.add_argument("--resume", action="store_true", help="keep the runs saved in OUT.partial by an interrupted call")
     sw = sub.add_parser("loraplus-sweep", help="LoRA+ with ratios 1, 2, 4, 8, 16, 32")
     budget_args(sw, methods=False)
     sw.add_argument("--seeds", type=int, default=3)
@@ -129,6 +154,7 @@ def main(argv=None) -> None:
     sw.add_argument("--lrs", default=str(RESULTS_DIR / "lr_sweep.json"))
     sw.add_argument("--reuse", default=None, help="a showdown JSON: reuse its lora+ runs at the same lr")
     sw.add_argument("--out", default="runs/loraplus_sweep.json")
+    sw.add_argument("--resume", action="store_true", help="keep the runs saved in OUT.partial by an interrupted call")
     tm = sub.add_parser("step-times", help="every method's step time, measured interleaved (for the ratios)")
     tm.add_argument("--steps", type=int, default=30)
     tm.add_argument("--methods", nargs="+", default=list(SHOWDOWN))
@@ -160,19 +186,22 @@ def main(argv=None) -> None:
         print("chosen on validation:", result["chosen"])
     elif args.command == "showdown":
         lrs = json.loads(Path(args.lrs).read_text())["chosen"]
+        done, save = _checkpoint(args, {"budget": dataclasses.asdict(budget), "lrs": lrs, "tickets": args.tickets})
         result = experiments.showdown(args.methods, seeds=range(args.seeds), lrs=lrs, budget=budget, progress=True,
-                                      callback=report, tickets=args.tickets)
+                                      callback=save, tickets=args.tickets, done=done)
         print(format_table(table(result)))
     elif args.command == "loraplus-sweep":
         lr = args.lr or json.loads(Path(args.lrs).read_text())["chosen"]["lora+"]
         reuse = json.loads(Path(args.reuse).read_text()) if args.reuse else None
         ratios = [int(r) if float(r).is_integer() else r for r in args.ratios]
+        done, save = _checkpoint(args, {"budget": dataclasses.asdict(budget), "lr": lr, "tickets": args.tickets})
         result = experiments.ratio_sweep(ratios, seeds=range(args.seeds), lr=lr, budget=budget, progress=True,
-                                         callback=report, reuse=reuse, tickets=args.tickets)
+                                         callback=save, reuse=reuse, tickets=args.tickets, done=done)
         print(format_table(table(result, key="ratio"), key="ratio"))
     else:
         result = experiments.dora_study(seeds=range(args.seeds), steps=args.steps, progress=True)
     print(f"wrote {_write(result, args.out)}")
+    Path(f"{args.out}.partial").unlink(missing_ok=True)
 
 
 if __name__ == "__main__":

@@ -225,9 +225,10 @@ def lr_sweep(methods=SHOWDOWN, grids=None, seed: int = 0, budget: Budget = Budge
 
 
 def showdown(methods=SHOWDOWN, seeds=range(5), lrs=None, budget: Budget = Budget(), base=None, tokenizer=None,
-             progress=None, callback=None, tickets=None) -> dict:
+             progress=None, callback=None, tickets=None, done=()) -> dict:
     """Every method for every seed at its learning rate (`lrs`: {method: lr}, e.g. `lr_sweep(...)["chosen"]`);
-    returns {"config", "runs"}, JSON-ready. `callback(run)` is called after each run (for a live table)."""
+    returns {"config", "runs"}, JSON-ready. `callback(run)` is called after each new run (for a live table, or to
+    save progress); `done`: runs of an interrupted call with the same settings, kept instead of trained again."""
     lrs = lrs or {}
     missing = [m for m in methods if m not in lrs]
     if missing:
@@ -235,9 +236,13 @@ def showdown(methods=SHOWDOWN, seeds=range(5), lrs=None, budget: Budget = Budget
                          f"(lr_sweep).")
     base, tokenizer, task = _setup(base, tokenizer, tickets)
     base_test = correct(base, tokenizer, task.test)
+    finished = {(r["method"], r["seed"]): r for r in done}
     runs = []
     for seed in seeds:
         for name in methods:
+            if (name, seed) in finished:
+                runs.append(finished[(name, seed)])
+                continue
             run = run_method(name, base, tokenizer, task, lrs[name], seed, budget, progress=progress)
             runs.append(run)
             if callback:
@@ -249,18 +254,24 @@ def showdown(methods=SHOWDOWN, seeds=range(5), lrs=None, budget: Budget = Budget
 
 
 def ratio_sweep(ratios=(1, 2, 4, 8, 16, 32), seeds=range(3), lr: float = 5e-4, budget: Budget = Budget(), base=None,
-                tokenizer=None, progress=None, callback=None, reuse: dict | None = None, tickets=None) -> dict:
+                tokenizer=None, progress=None, callback=None, reuse: dict | None = None, tickets=None,
+                done=()) -> dict:
     """LoRA+ at each ratio (ratio 1 = plain LoRA) with A's learning rate `lr`; returns {"config", "runs"}.
 
     reuse: a `showdown` result whose "lora+" runs used the same budget and lr: they stand for their ratio instead
-    of being trained again (same code, same seeds: they would be the same runs)."""
+    of being trained again (same code, same seeds: they would be the same runs). done: runs of an interrupted call
+    with the same settings, kept as they are."""
     base, tokenizer, task = _setup(base, tokenizer, tickets)
     reusable = {}
     if reuse and all(reuse["config"].get(k) == v for k, v in dataclasses.asdict(budget).items()):
         reusable = {(r["ratio"], r["seed"]): r for r in reuse["runs"] if r["method"] == "lora+" and r["lr"] == lr}
+    finished = {(r["ratio"], r["seed"]): r for r in done}
     runs = []
     for seed in seeds:
         for ratio in ratios:
+            if (ratio, seed) in finished:
+                runs.append(finished[(ratio, seed)])
+                continue
             if (ratio, seed) in reusable:
                 run = {**reusable[(ratio, seed)], "reused": True}
             else:

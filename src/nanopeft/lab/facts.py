@@ -18,7 +18,7 @@ import numpy as np
 
 from .analysis import slope
 from .claims import claims, loraplus_speedup
-from .estimates import LLAMA_7B, LLAMA_65B, gb, training_memory
+from .estimates import LLAMA_7B, LLAMA_65B, NF4_BITS, gb, training_memory
 from .memory import fmt_bytes
 from .report import correct_matrix, groups, table
 from .results import load_result
@@ -136,8 +136,6 @@ def qlora_table(result, timings) -> str:
 
 
 def weight_ratios() -> str:
-    from .estimates import NF4_BITS
-
     lines = ["| model | not in linear layers | weights, all fp32 | NF4 linear layers + the rest in fp32 | ratio | "
              "the same, rest in 16 bits vs all 16 bits |", "|---|---|---|---|---|---|"]
     for arch in (LLAMA_7B, LLAMA_65B):

@@ -2,7 +2,7 @@
 folder after `pip install`) can read them.
 
     showdown = load_result("showdown")      # src/nanopeft/lab/results/showdown.json
-    result_path("showdown.png")             # a file in that folder
+    result_path("lr_sweep.json")            # the path of a file in that folder
 
 Each JSON is written by the command named in RESULTS, which `python -m nanopeft` runs.
 """
