@@ -156,7 +156,7 @@ def main(argv=None) -> None:
     sw.add_argument("--out", default="runs/loraplus_sweep.json")
     sw.add_argument("--resume", action="store_true", help="keep the runs saved in OUT.partial by an interrupted call")
     tm = sub.add_parser("step-times", help="every method's step time, measured interleaved (for the ratios)")
-    tm.add_argument("--steps", type=int, default=30)
+    tm.add_argument("--steps", type=int, default=12, help="steps per method (the shipped table: 12)")
     tm.add_argument("--methods", nargs="+", default=list(SHOWDOWN))
     tm.add_argument("--lrs", default=str(RESULTS_DIR / "lr_sweep.json"))
     tm.add_argument("--out", default="runs/step_times.json")

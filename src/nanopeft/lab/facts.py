@@ -78,9 +78,13 @@ def lr_table(sweep) -> str:
     return "\n".join(lines)
 
 
+def _seeds(n: int) -> str:
+    return f"{n} seed" + ("s" if n != 1 else "")
+
+
 def ratio_table(sweep) -> str:
     cfg = sweep["config"]
-    lines = [f"| ratio lr_B / lr_A (A's lr {cfg['lr']:g}) | test accuracy, {len(cfg['seeds'])} seeds [95% interval] |",
+    lines = [f"| ratio lr_B / lr_A (A's lr {cfg['lr']:g}) | test accuracy, {_seeds(len(cfg['seeds']))} [95% interval] |",
              "|---|---|"]
     for r in table(sweep, key="ratio"):
         lines.append(f"| {r['ratio']} | {_pct(r['interval'])} |")
