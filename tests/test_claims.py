@@ -108,3 +108,10 @@ def test_step_time_claims_use_interleaved_timings_when_given():
     rows = claims(fake_result(BASE), timings=timings)  # the showdown's own times say 1.0x; the timings 1.4x
     assert verdict(rows, "DoRA is 1.3-1.5x") == HOLDS
     assert "interleaved" in next(r["measured"] for r in rows if r["claim"].startswith("DoRA is 1.3"))
+
+
+def test_guide_takes_step_times_from_the_interleaved_timings_when_given():
+    result = fake_result(BASE, step={"dora": 2.0})  # the showdown's own runs: DoRA 2x LoRA
+    assert "2.00x the step time" in advise("quality", result, model_billions=1, gpu_gb=80)
+    timings = {"times": {m: [9.0] + [1.3 if m == "dora" else 1.0] * 11 for m in SHOWDOWN}}  # interleaved: 1.3x
+    assert "1.30x the step time" in advise("quality", result, model_billions=1, gpu_gb=80, timings=timings)

@@ -13,6 +13,8 @@ from __future__ import annotations
 
 import math
 
+import numpy as np
+
 from .estimates import LLAMA_7B, LLAMA_65B, NF4_BITS, gb, training_memory
 from .report import correct_matrix, groups, table, time_matrix
 from .stats import FAILS, HOLDS, UNSETTLED, exact, first_crossing, paired_bootstrap, verdict
@@ -166,14 +168,20 @@ def verdict_counts(rows: list) -> dict:
     return {v: sum(r["verdict"] == v for r in rows) for v in (HOLDS, FAILS, UNSETTLED)}
 
 
-def advise(constraint: str, result: dict, model_billions: float = 7.0, gpu_gb: float = 15.0) -> str:
+def advise(constraint: str, result: dict, model_billions: float = 7.0, gpu_gb: float = 15.0,
+           timings: dict | None = None) -> str:
     """The decision guide: memory-bound -> QLoRA, quality -> DoRA, speed -> LoRA+, else LoRA. The advice quotes the
     showdown's measured numbers, and computes a `model_billions` model's training memory (scaled from
-    Llama-2 7B's bytes per parameter) against `gpu_gb` of GPU memory."""
+    Llama-2 7B's bytes per parameter) against `gpu_gb` of GPU memory. timings: a `step_times` result; its
+    interleaved medians give the step times (the showdown's own ran hours apart), as in `claims`."""
     choices = ("memory", "quality", "speed", "none")
     if constraint not in choices:
         raise ValueError(f"constraint must be one of {choices}, got {constraint!r}.")
-    rows = {r["method"]: r for r in table(result)}
+    rows = {r["method"]: dict(r) for r in table(result)}
+    if timings is not None:
+        for m, row in rows.items():
+            if m in timings["times"]:
+                row["step_time"] = float(np.median(timings["times"][m][1:]))
     scale = model_billions * 1e9 / LLAMA_7B.params
     lora_gb = gb(training_memory(LLAMA_7B, "lora-16bit")["total"]) * scale
     qlora_gb = gb(training_memory(LLAMA_7B, "qlora")["total"]) * scale

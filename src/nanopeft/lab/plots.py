@@ -56,7 +56,8 @@ def plot_showdown(result: dict, path=None):
     axes[3].set_xticks(range(len(names)), names, rotation=30, ha="right")
     hw = result["config"]["hardware"]
     axes[3].set(ylabel="seconds", title=f"step time (forward + backward + AdamW)\n"
-                                        f"{hw.get('gpu') or str(hw['cpu_count']) + '-core CPU'}, mean over seeds")
+                                        f"{hw.get('gpu') or str(hw['cpu_count']) + '-core CPU'}, each method's own runs "
+                                        f"(not interleaved)")
     fig.tight_layout()
     if path:
         fig.savefig(path, dpi=110)
@@ -85,11 +86,14 @@ def plot_sweep(result: dict, path=None):
                      fmt="o-", color="black", capsize=4)
     for r in rows:
         axes[2].plot([r["ratio"]] * len(r["seed_accuracies"]), r["seed_accuracies"], ".", color="gray", ms=6)
-    axes[0].set(xlabel="step", ylabel="validation accuracy", ylim=(0, 1), title="validation accuracy (mean over seeds)")
+    seeds = len(result["config"]["seeds"])
+    over = "mean over seeds" if seeds > 1 else "one seed"
+    axes[0].set(xlabel="step", ylabel="validation accuracy", ylim=(0, 1), title=f"validation accuracy ({over})")
     axes[0].legend(fontsize=8)
-    axes[1].set(xlabel="step", ylabel="training loss", ylim=(0, 4), title="training loss (mean over seeds)")
+    axes[1].set(xlabel="step", ylabel="training loss", ylim=(0, 4), title=f"training loss ({over})")
     axes[2].set(xscale="log", xlabel="ratio lr_B / lr_A", ylabel="test accuracy", ylim=(0, 1),
-                title=f"test accuracy after {result['config']['steps']} steps\n(95% interval; dots: seeds)")
+                title=f"test accuracy after {result['config']['steps']} steps\n"
+                      f"(95% interval; {seeds} seed{'s' if seeds > 1 else ''}, dots: seeds)")
     axes[2].set_xticks(ratios, [str(r) for r in ratios])
     fig.tight_layout()
     if path:
@@ -121,7 +125,7 @@ def plot_dora_study(study: dict, path=None):
                 xs = np.linspace(x.min(), x.max(), 10)
                 ax.plot(xs, k * xs + b, color=STUDY_COLORS.get(method, "black"))
         signs = "".join("+" if v > 0 else "-" for v in per_seed)
-        ax.set_title(f"{method}: slope {np.mean(per_seed):+.3g} (signs over seeds: {signs})", fontsize=10)
+        ax.set_title(f"{method}: slope, mean over seeds {np.mean(per_seed):+.3g} (signs: {signs})", fontsize=10)
         ax.set_xlabel("dM (mean |change of row length|)")
         ax.tick_params(axis="x", labelrotation=30)
     axes[0].set_ylabel("dD (mean 1 - cos)")
