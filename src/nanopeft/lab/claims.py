@@ -13,10 +13,8 @@ from __future__ import annotations
 
 import math
 
-import numpy as np
-
 from .estimates import LLAMA_7B, LLAMA_65B, NF4_BITS, gb, training_memory
-from .report import correct_matrix, groups, table, time_matrix
+from .report import correct_matrix, groups, interleaved_step_time, table, time_matrix
 from .stats import FAILS, HOLDS, UNSETTLED, exact, first_crossing, paired_bootstrap, verdict
 
 # What "close" and "near" mean in the claims below, stated once. These are conventions, not laws:
@@ -173,7 +171,7 @@ def advise(constraint: str, result: dict, model_billions: float = 7.0, gpu_gb: f
     """The decision guide: memory-bound -> QLoRA, quality -> DoRA, speed -> LoRA+, else LoRA. The advice quotes the
     showdown's measured numbers, and computes a `model_billions` model's training memory (scaled from
     Llama-2 7B's bytes per parameter) against `gpu_gb` of GPU memory. timings: a `step_times` result; its
-    interleaved medians give the step times (the showdown's own ran hours apart), as in `claims`."""
+    interleaved means give the step times (the showdown's own ran hours apart), as in `claims` and the facts."""
     choices = ("memory", "quality", "speed", "none")
     if constraint not in choices:
         raise ValueError(f"constraint must be one of {choices}, got {constraint!r}.")
@@ -181,7 +179,7 @@ def advise(constraint: str, result: dict, model_billions: float = 7.0, gpu_gb: f
     if timings is not None:
         for m, row in rows.items():
             if m in timings["times"]:
-                row["step_time"] = float(np.median(timings["times"][m][1:]))
+                row["step_time"] = interleaved_step_time(timings, m)
     scale = model_billions * 1e9 / LLAMA_7B.params
     lora_gb = gb(training_memory(LLAMA_7B, "lora-16bit")["total"]) * scale
     qlora_gb = gb(training_memory(LLAMA_7B, "qlora")["total"]) * scale

@@ -20,7 +20,7 @@ from .analysis import slope
 from .claims import claims, loraplus_speedup
 from .estimates import LLAMA_7B, LLAMA_65B, NF4_BITS, gb, training_memory
 from .memory import fmt_bytes
-from .report import correct_matrix, groups, table
+from .report import correct_matrix, groups, interleaved_step_time, table
 from .results import load_result
 from .stats import paired_bootstrap
 
@@ -56,11 +56,12 @@ def claims_table(result, timings) -> str:
 
 
 def step_time_table(timings) -> str:
-    t, cfg = timings["times"], timings["config"]
-    lora = np.mean(t["lora"][1:])
+    cfg = timings["config"]
+    lora = interleaved_step_time(timings, "lora")
     lines = [f"| method | s/step | / LoRA |", "|---|---|---|"]
-    for m, times in t.items():
-        lines.append(f"| {NAMES.get(m, m)} | {np.mean(times[1:]):.2f} | {np.mean(times[1:]) / lora:.2f}x |")
+    for m in timings["times"]:
+        s = interleaved_step_time(timings, m)
+        lines.append(f"| {NAMES.get(m, m)} | {s:.2f} | {s / lora:.2f}x |")
     hw = cfg["hardware"]
     lines.append(f"\n{cfg['steps']} interleaved steps per method (the first dropped), batch {cfg['batch_size']}, "
                  f"r = {cfg['r']} on {cfg['targets']}; {hw['processor']}, {hw['threads']} threads, "
@@ -124,7 +125,7 @@ def dora_lines(study, result) -> str:
 
 def qlora_table(result, timings) -> str:
     rows = {r["method"]: r for r in table(result)}
-    t = {m: np.mean(timings["times"][m][1:]) for m in ("lora", "qlora", "qdora")}
+    t = {m: interleaved_step_time(timings, m) for m in ("lora", "qlora", "qdora")}
     lines = ["| | LoRA (base in the model's dtype) | QLoRA | QDoRA |", "|---|---|---|---|"]
     for label, key in (("frozen weights", "frozen weights"), ("activations saved for the backward", "activations")):
         lines.append(f"| {label} | " + " | ".join(fmt_bytes(rows[m]["memory"][key]) for m in t) + " |")

@@ -23,6 +23,11 @@ def time_matrix(runs: list) -> np.ndarray:
     return np.array([r["step_times"][1:] for r in sorted(runs, key=lambda r: r["seed"])], dtype=np.float64)
 
 
+def interleaved_step_time(timings: dict, method: str) -> float:
+    """A method's mean seconds per step in a `step_times` result, the first (warm-up) step dropped."""
+    return float(np.mean(timings["times"][method][1:]))
+
+
 def groups(result: dict, key: str = "method") -> dict:
     """{value of `key`: runs}, in the order the values first appear."""
     out = {}
