@@ -2,7 +2,7 @@
 
 Memory is measured two ways. On every device: the bytes of the tensors autograd saves for the backward pass
 (activations; the model's own parameters excluded), counted exactly through `saved_tensors_hooks`. On CUDA also the
-allocator's peak (`max_memory_allocated`) for the step.
+allocator's peak (`max_memory_allocated`) for the step. Timed steps run without the counting hooks.
 """
 import argparse
 import copy
@@ -71,15 +71,22 @@ def peft_model(base, method, r):
                                                           use_dora=method == "dora"))
 
 
-def step(model, batch, device):
-    """One forward + backward: (seconds, bytes saved for backward, CUDA peak bytes or None)."""
-    from nanopeft.lab.train import forward_backward
+def step(model, batch, device, count_saved=False):
+    """One forward + backward: (seconds, bytes saved for backward or None, CUDA peak bytes or None). The saved
+    bytes are counted by hooks on autograd (a Python call per saved tensor), so timed steps run without them."""
+    from nanopeft.lab.train import answer_loss, forward_backward
 
     if device.type == "cuda":
         torch.cuda.synchronize(device)
         torch.cuda.reset_peak_memory_stats(device)
     start = time.perf_counter()
-    _, saved = forward_backward(model, batch)
+    if count_saved:
+        _, saved = forward_backward(model, batch)
+    else:
+        saved = None
+        logits = model(input_ids=batch["input_ids"], attention_mask=batch["attention_mask"],
+                       logits_to_keep=batch["keep"]).logits
+        answer_loss(logits, batch["labels"]).backward()
     if device.type == "cuda":
         torch.cuda.synchronize(device)
     elapsed = time.perf_counter() - start
@@ -90,9 +97,10 @@ def step(model, batch, device):
 
 def compare(models: dict, batch, device, repeats: int) -> dict:
     """Interleaved runs (a, b, a, b, ...) after two warm-ups each; medians and maxima per model."""
-    for model in models.values():
+    saved = {}
+    for name, model in models.items():
         model.train()
-        step(model, batch, device)
+        saved[name] = step(model, batch, device, count_saved=True)[1]
         step(model, batch, device)
     runs = {name: [] for name in models}
     for _ in range(repeats):
@@ -102,7 +110,7 @@ def compare(models: dict, batch, device, repeats: int) -> dict:
     for name, rows in runs.items():
         times = [r[0] for r in rows]
         results[name] = {"time": statistics.median(times), "min": min(times), "max": max(times),
-                         "saved": max(r[1] for r in rows), "peak": rows[0][2] and max(r[2] for r in rows)}
+                         "saved": saved[name], "peak": rows[0][2] and max(r[2] for r in rows)}
         peak = f", CUDA peak {results[name]['peak'] / 2**20:.0f} MiB" if results[name]["peak"] else ""
         print(f"{name:>15}: median {1000 * results[name]['time']:.1f} ms/step (min {1000 * min(times):.1f}, "
               f"max {1000 * max(times):.1f}, n={len(times)}); saved for backward "

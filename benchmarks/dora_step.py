@@ -7,7 +7,8 @@ same model and batch, interleaved.
 
 Learners read both "DoRA is 1.3-1.5x slower than LoRA per step" and "near identical". DoRA's extra cost per layer is
 the row norm of W0 + s B A: the exact norm (peft's way) builds that (out, in) matrix every step, the factored norm
-(`DoRALinear(norm="factored")`) gets the same norms from (out, r) and (r, r) products. Targets: on a GPU, factored
+(`DoRALinear(norm="factored")`) gets the same norms from (out, r) and (r, r) products; `fused=True` also keeps
+only the layer's output for the backward instead of W0 x and B A x. Targets: on a GPU, factored
 DoRA / LoRA step time <= 1.15 and CUDA peak <= 1.10; on the CPU, factored no slower than exact (<= 1.0).
 """
 import torch
@@ -15,13 +16,19 @@ import torch
 from common import compare, nanopeft_model, parser, peft_model, ratio, setup
 
 if __name__ == "__main__":
-    args = parser(__doc__).parse_args()
+    p = parser(__doc__)
+    p.add_argument("--compile", action="store_true", help="torch.compile every model (fewer, fused kernels)")
+    args = p.parse_args()
     base, batch, desc = setup(args)
-    print(desc)
     models = {"nanopeft DoRA": nanopeft_model(base, "dora", args.r),
               "nanopeft DoRA, factored": nanopeft_model(base, "dora", args.r, norm="factored"),
+              "nanopeft DoRA, factored + fused": nanopeft_model(base, "dora", args.r, norm="factored", fused=True),
               "peft DoRA": peft_model(base, "dora", args.r), "nanopeft LoRA": nanopeft_model(base, "lora", args.r)}
     del base
+    if args.compile:
+        models = {name: torch.compile(model) for name, model in models.items()}
+        desc += ", each model through torch.compile"
+    print(desc)
     device = torch.device(args.device)
     results = compare(models, batch, device, args.repeats)
     ratio(results, "nanopeft DoRA", "peft DoRA", target=1.05)
@@ -30,3 +37,6 @@ if __name__ == "__main__":
     ratio(results, "nanopeft DoRA, factored", "nanopeft LoRA", target=1.15 if gpu else None,
           peak_target=1.10 if gpu else None)
     ratio(results, "nanopeft DoRA, factored", "nanopeft DoRA", target=None if gpu else 1.0)
+    ratio(results, "nanopeft DoRA, factored + fused", "nanopeft LoRA", target=1.15 if gpu else None,
+          peak_target=1.10 if gpu else None)
+    ratio(results, "nanopeft DoRA, factored + fused", "nanopeft DoRA", target=None if gpu else 1.0)

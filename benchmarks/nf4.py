@@ -3,6 +3,7 @@
     python benchmarks/nf4.py                       # on the CPU (and on the GPU too, when there is one)
     python benchmarks/nf4.py --device cuda         # the GPU only
     python benchmarks/nf4.py --steps 5             # more QLoRA steps
+    python benchmarks/nf4.py --random              # SmolLM2-shaped random weights (no model package needed)
 
 1. Quantize and dequantize (NF4, blocks of 64, double quantization) on the bundled model's weight matrices (210 of
    them, each of the four shapes timed), interleaved runs, medians; ratio = our time / bitsandbytes'.
@@ -70,14 +71,21 @@ def throughput(model, device, repeats, compile_):
     if bound:
         print(f"   a plain copy moves {bound:.0f} GB/s on this GPU (read + write): the bound for dequantizing")
     totals = {}
-    for shape, weights in shapes.items():
+    large = {}
+    if device.type == "cuda":  # a 7B model's matrices too: there the kernel, not the launch, sets the time
+        g = torch.Generator().manual_seed(0)
+        large = {shape: [torch.randn(shape, generator=g) * 0.02] for shape in [(4096, 4096), (11008, 4096)]}
+    for shape, weights in {**shapes, **large}.items():
         w = weights[0].to(device, dtype)
         q = quantize_nf4(w, double_quant=True)
         packed, state = bf.quantize_4bit(w, blocksize=64, quant_type="nf4", compress_statistics=True)
         bnb_code = bf.get_4bit_type("nf4", device=device)
         t = {}
         for _ in range(2):  # interleave: ours, theirs, ours, theirs
-            t["quantize ours"] = timeit(lambda: quantize_nf4(w, double_quant=True), repeats, device)
+            t["quantize ours"] = timeit(lambda: quantize_nf4(w, double_quant=True), repeats, device)  # Triton on CUDA
+            if device.type == "cuda":
+                t["quantize ours torch"] = timeit(lambda: quantize_nf4(w, double_quant=True, kernel="torch"), repeats,
+                                                  device)
             t["quantize bnb"] = timeit(lambda: bf.quantize_4bit(w, blocksize=64, quant_type="nf4",
                                                                 compress_statistics=True), repeats, device)
             for name, fn in ours.items():
@@ -87,16 +95,26 @@ def throughput(model, device, repeats, compile_):
                 t["dequantize bnb torch"] = timeit(lambda: _dequantize_4bit_compute(
                     packed.reshape(-1), bf.dequantize_blockwise(state.absmax, state.state2) + state.offset, bnb_code,
                     64, state.shape, dtype), repeats, device)
-        for k, v in t.items():
-            totals[k] = totals.get(k, 0.0) + v * len(weights)
+        if shape in large:
+            print(f"  {str(shape):>12} (7B-sized): " + "  ".join(
+                f"{k.removeprefix('dequantize ')} {v * 1e3:.3f} ms" for k, v in t.items() if k.startswith("dequantize"))
+                + "  -> " + "  ".join(f"{name} / bnb {t[f'dequantize ours {name}'] / t['dequantize bnb']:.2f}"
+                                      for name in ours) + f"  (quantize ours / bnb {t['quantize ours'] / t['quantize bnb']:.2f})")
+        else:
+            for k, v in t.items():
+                totals[k] = totals.get(k, 0.0) + v * len(weights)
         moved = w.numel() * (0.5 + dtype.itemsize) + q.absmax.numel()  # bytes read + written by a dequantize
         rates = "  ".join(f"{k.removeprefix('dequantize ')} {moved / v / 1e9:.0f} GB/s" for k, v in t.items()
                           if k.startswith("dequantize"))
-        print(f"  {str(shape):>12} x{len(weights):>2}: {rates}")
-    n = sum(len(v) for v in shapes.values())
+        print(f"  {str(shape):>12} x{len(weights):>2}: {rates}" if shape not in large else f"  {str(shape):>12}    : {rates}")
+    n = sum(len(v) for v in shapes.values())  # the model's matrices (the 7B-sized ones are reported above)
     target = TARGETS[device.type]
     print(f"  all {n} matrices: quantize ours {totals['quantize ours']:.4f} s, bnb {totals['quantize bnb']:.4f} s -> "
-          f"ratio {totals['quantize ours'] / totals['quantize bnb']:.2f}   (target <= {target['quantize']})")
+          f"ratio {totals['quantize ours'] / totals['quantize bnb']:.2f}   (target <= {target['quantize']})"
+          + (" (ours: the Triton kernel)" if device.type == "cuda" else ""))
+    if "quantize ours torch" in totals:
+        print(f"  all {n} matrices: quantize ours (torch) {totals['quantize ours torch']:.4f} s -> ratio "
+              f"{totals['quantize ours torch'] / totals['quantize bnb']:.2f}")
     for name in ours:
         r = totals[f"dequantize ours {name}"] / totals["dequantize bnb"]
         print(f"  all {n} matrices: dequantize ours ({name}) {totals[f'dequantize ours {name}']:.4f} s, bnb "
@@ -193,6 +211,7 @@ def main():
     p.add_argument("--batch-size", type=int, default=4)
     p.add_argument("--device", default=None, help="cpu or cuda (default: the CPU, and CUDA when present)")
     p.add_argument("--compile", action="store_true", help="also time torch.compile of the PyTorch dequantize")
+    p.add_argument("--random", action="store_true", help="random weights of SmolLM2-135M's shapes, random ids")
     args = p.parse_args()
 
     import bitsandbytes
@@ -213,7 +232,20 @@ def main():
         [torch.device("cpu")] + ([torch.device("cuda")] if torch.cuda.is_available() else [])
     print(f"torch {torch.__version__}, bitsandbytes {bitsandbytes.__version__}, peft {peft.__version__}, "
           f"transformers {transformers.__version__}; {hardware()}\n")
-    base, tok = load_base_model()
+    if args.random:  # same shapes, so the same work; saved as safetensors so transformers can load it for bnb
+        import tempfile
+
+        from nanopeft.lab.models import smollm2_shaped
+
+        base, folder = smollm2_shaped(), tempfile.mkdtemp()
+        base.save_pretrained(folder)
+        ids = torch.randint(0, base.config.vocab_size, (args.batch_size, 100), generator=torch.Generator().manual_seed(0))
+        labels = torch.full_like(ids, -100)
+        labels[:, -2:] = ids[:, -2:]  # a two-token answer at the end, as in the ticket task
+        random_batch = {"input_ids": ids, "attention_mask": torch.ones_like(ids), "labels": labels, "keep": 3}
+    else:
+        base, tok = load_base_model()
+        folder = bundled_model_folder()
     for device in devices:
         throughput(base, device, args.repeats, args.compile)
     for device in devices:
@@ -226,12 +258,13 @@ def main():
         replay_peft_init(ours, seed=0)
         config = BitsAndBytesConfig(load_in_4bit=True, bnb_4bit_quant_type="nf4", bnb_4bit_use_double_quant=True,
                                     bnb_4bit_compute_dtype=dtype)
-        theirs = AutoModelForCausalLM.from_pretrained(bundled_model_folder(), quantization_config=config, dtype=dtype,
+        theirs = AutoModelForCausalLM.from_pretrained(folder, quantization_config=config, dtype=dtype,
                                                       device_map={"": 0} if device.type == "cuda" else "cpu")
         theirs = prepare_model_for_kbit_training(theirs, use_gradient_checkpointing=False)
         torch.manual_seed(0)
         theirs = get_peft_model(theirs, LoraConfig(r=8, lora_alpha=16, target_modules="all-linear"))
-        batch = encode(tok, load_task().train[: args.batch_size], device)
+        batch = ({k: (v.to(device) if torch.is_tensor(v) else v) for k, v in random_batch.items()} if args.random
+                 else encode(tok, load_task().train[: args.batch_size], device))
         qlora_step({"nanopeft (quantize_model + add_adapters)": ours,
                     "transformers + bitsandbytes + peft": theirs}, batch, args.steps, device)
         del ours, theirs

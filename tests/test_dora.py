@@ -262,19 +262,24 @@ def relative(a, b):
     return ((a - b).abs().max() / b.abs().max()).item()
 
 
-def factored_pair(base, targets="all-linear", seed=0):
-    """The same DoRA model twice, exact and factored norm, with B and m moved off their start identically."""
-    exact = add_adapters(copy.deepcopy(base), method="dora", targets=targets)
-    factored = add_adapters(copy.deepcopy(base), method="dora", targets=targets, norm="factored")
+def dora_pair(base, first: dict, second: dict, targets="all-linear", seed=0):
+    """The same DoRA model twice (options `first`, `second`), with B and m moved off their start identically."""
+    a_model = add_adapters(copy.deepcopy(base), method="dora", targets=targets, **first)
+    b_model = add_adapters(copy.deepcopy(base), method="dora", targets=targets, **second)
     g = torch.Generator().manual_seed(seed)
     with torch.no_grad():
-        for (path, a), b in zip(adapter_layers(exact).items(), adapter_layers(factored).values()):
+        for a, b in zip(adapter_layers(a_model).values(), adapter_layers(b_model).values()):
             b.lora_A.copy_(a.lora_A)
             a.lora_B.copy_(torch.randn(a.lora_B.shape, generator=g) * 0.1)
             b.lora_B.copy_(a.lora_B)
             a.magnitude.mul_(1 + 0.1 * torch.randn(a.magnitude.shape, generator=g))
             b.magnitude.copy_(a.magnitude)
-    return exact, factored
+    return a_model, b_model
+
+
+def factored_pair(base, targets="all-linear", seed=0):
+    """Exact and factored norm."""
+    return dora_pair(base, {}, {"norm": "factored"}, targets, seed)
 
 
 def assert_factored_matches(exact, factored, ids, tol=1e-5):
@@ -342,3 +347,110 @@ def test_factored_norm_against_peft_within_float_rounding():
     ours, theirs = twin_models(tiny_llama(), method="dora", targets="all-linear", norm="factored")
     diffs = compare_with_peft(ours, theirs, torch.randint(0, 256, (2, 16), generator=torch.Generator().manual_seed(0)))
     assert 0 < max(diffs.values()) <= 1e-5, diffs  # not bit for bit (another order of sums), but within rounding
+
+
+# --- fused=True: the backward keeps only the output (dh/dm = (h - b) / m) -------------------------------------------
+def fused_pair(base, norm="exact", dropout=0.0):
+    """Without and with the fused backward."""
+    options = {"norm": norm, "dropout": dropout}
+    return dora_pair(base, options, {**options, "fused": True})
+
+
+@pytest.mark.parametrize("make", [tiny_llama, tiny_qwen2], ids=["llama", "qwen2-biases"])
+def test_fused_backward_gives_the_same_outputs_and_gradients_within_rounding(make):
+    plain, fused = fused_pair(make())
+    ids = torch.randint(0, 256, (2, 16), generator=torch.Generator().manual_seed(0))
+    outs = []
+    for model in (plain, fused):
+        model.train()
+        out = model(input_ids=ids).logits
+        out.pow(2).mean().backward()
+        outs.append(out.detach())
+    assert torch.equal(outs[0], outs[1])  # the forward is peft's, operation for operation
+    for a, b in zip(adapter_layers(plain).values(), adapter_layers(fused).values()):
+        for name in ("lora_A", "lora_B", "magnitude"):
+            assert relative(getattr(b, name).grad, getattr(a, name).grad) <= 1e-5, name
+
+
+def test_fused_backward_equals_autograd_in_float64():
+    """The hand-written backward against autograd of peft's formula, in float64 where rounding cannot hide a wrong
+    term: gradients for x, A, B and m, with a bias. (torch.autograd.gradcheck does not apply: finite differences
+    would move the norm, which DoRA treats as a constant.)"""
+    torch.manual_seed(0)
+    layers = [DoRALinear(torch.nn.Linear(6, 5), r=2, alpha=4, fused=f).double() for f in (False, True)]
+    with torch.no_grad():
+        layers[0].lora_B.normal_(0, 0.3)
+        layers[0].magnitude.mul_(1.2)
+        layers[1].load_state_dict(layers[0].state_dict())
+    x = torch.randn(3, 4, 6, dtype=torch.float64)
+    upstream = torch.randn(3, 4, 5, dtype=torch.float64)
+    grads = []
+    for layer in layers:
+        xi = x.clone().requires_grad_()
+        layer(xi).backward(upstream)
+        grads.append([xi.grad, layer.lora_A.grad, layer.lora_B.grad, layer.magnitude.grad])
+    for a, b in zip(*grads):
+        torch.testing.assert_close(b, a, rtol=1e-12, atol=1e-12)
+
+
+@pytest.mark.parametrize("norm", ["exact", "factored"])
+def test_fused_backward_against_peft_within_float_rounding(norm):
+    ours, theirs = twin_models(tiny_llama(), method="dora", targets="all-linear", norm=norm, fused=True)
+    diffs = compare_with_peft(ours, theirs, torch.randint(0, 256, (2, 16), generator=torch.Generator().manual_seed(0)))
+    assert max(diffs.values()) <= 1e-5, diffs
+    if norm == "exact":  # the forward is peft's, operation for operation; only the gradients are summed otherwise
+        assert diffs["logits"] == 0.0 and max(diffs.values()) > 0, diffs
+
+
+def test_fused_backward_keeps_one_tensor_less_per_layer():
+    from nanopeft.lab.memory import SavedTensors
+
+    plain, fused = fused_pair(tiny_llama())
+    ids = torch.randint(0, 256, (2, 16))
+    saved = []
+    for model in (plain, fused):
+        model.train()
+        with SavedTensors(model) as s:
+            model(input_ids=ids).logits.sum().backward()
+        saved.append(s.nbytes)
+    outputs = sum(2 * 16 * layer.out_features * 4 for layer in adapter_layers(fused).values())  # one (2, 16, out)
+    assert saved[0] - saved[1] >= outputs  # float32 tensor less per layer (or more: the output is often kept anyway)
+
+
+def test_fused_backward_with_dropout_falls_back_to_the_plain_path():
+    plain, fused = fused_pair(tiny_llama(), dropout=0.1)
+    ids = torch.randint(0, 256, (2, 16))
+    outs = []
+    for model in (plain, fused):
+        model.train()
+        torch.manual_seed(1)
+        out = model(input_ids=ids).logits
+        out.sum().backward()
+        outs.append(out.detach())
+    assert torch.equal(outs[0], outs[1])
+    for a, b in zip(adapter_layers(plain).values(), adapter_layers(fused).values()):
+        assert torch.equal(a.magnitude.grad, b.magnitude.grad)
+
+
+def test_fused_needs_a_detached_norm_and_dora():
+    with pytest.raises(ValueError, match="detach_norm=True"):
+        add_adapters(tiny_llama(), method="dora", fused=True, detach_norm=False)
+    with pytest.raises(ValueError, match="DoRA's options"):
+        add_adapters(tiny_llama(), method="lora", fused=True)
+
+
+def test_fused_backward_gives_a_trainable_bias_its_whole_gradient():
+    plain, fused = fused_pair(tiny_qwen2())  # q/k/v have biases
+    for model in (plain, fused):
+        for layer in adapter_layers(model).values():
+            if layer.base_layer.bias is not None:
+                layer.base_layer.bias.requires_grad_(True)
+    ids = torch.randint(0, 256, (2, 16))
+    for model in (plain, fused):
+        model.train()
+        model(input_ids=ids).logits.pow(2).mean().backward()
+    biased = [(a, b) for a, b in zip(adapter_layers(plain).values(), adapter_layers(fused).values())
+              if a.base_layer.bias is not None]
+    assert biased
+    for a, b in biased:
+        assert relative(b.base_layer.bias.grad, a.base_layer.bias.grad) <= 1e-5

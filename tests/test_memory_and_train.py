@@ -101,6 +101,22 @@ def test_encode_masks_the_prompt_out_of_the_loss(tokenizer):
 
 
 @pytest.mark.slow
+def test_encode_pads_with_eos_when_the_tokenizer_has_no_pad_token(tokenizer):
+    """transformers 5.17 reads the bundled tokenizer without a pad token (seen on a GPU machine); padding is masked
+    out, so any id does, and the end-of-text id is the usual choice."""
+    import copy
+
+    examples = [Example("My parcel is late", "shipping"), Example("Refund please, it broke after two days", "returns")]
+    bare = copy.deepcopy(tokenizer)
+    bare.pad_token = None
+    assert bare.pad_token_id is None
+    batch, reference = encode(bare, examples), encode(tokenizer, examples)
+    padding = batch["attention_mask"] == 0
+    assert padding.any() and (batch["input_ids"][padding] == bare.eos_token_id).all()
+    assert torch.equal(batch["input_ids"][~padding], reference["input_ids"][~padding])
+
+
+@pytest.mark.slow
 def test_loss_on_kept_logits_equals_loss_on_all_logits(tokenizer, tiny_chat):
     from nanopeft.lab.train import answer_loss
 

@@ -445,6 +445,44 @@ def test_the_triton_kernel_equals_the_readable_dequantize_byte_for_byte():
     assert done.returncode == 0 and done.stdout.strip() == "equal", done.stderr[-1500:]
 
 
+TRITON_QUANTIZE_CHECK = """
+import torch
+from nanopeft.nf4 import quantize_nf4
+g = torch.Generator().manual_seed(0)
+cases = [((64, 128), False, torch.float32, 64), ((3, 333), True, torch.bfloat16, 64), ((7, 100), True, torch.float16, 64),
+         ((1, 1), False, torch.float32, 64), ((192, 576), True, torch.float32, 64), ((5, 77), True, torch.float32, 128),
+         ((130, 64), True, torch.float32, 32), ((3, 1000), False, torch.float16, 256)]
+for shape, dq, dtype, bs in cases:
+    w = torch.randn(shape, generator=g).to(dtype)
+    if w.numel() > 200:
+        w.view(-1)[64:128] = 0  # an all-zero block
+    a, b = quantize_nf4(w, bs, dq, kernel="triton"), quantize_nf4(w, bs, dq, kernel="torch")
+    for name, t in b.tensors().items():
+        u = a.tensors()[name]
+        assert u.dtype == t.dtype and u.shape == t.shape and torch.equal(u, t), (shape, dq, dtype, bs, name)
+z = torch.zeros(3, 50)  # all zeros, with a tail block
+a, b = quantize_nf4(z, 64, True, kernel="triton"), quantize_nf4(z, 64, True, kernel="torch")
+assert all(torch.equal(a.tensors()[k], v) for k, v in b.tensors().items())
+print("equal")
+"""
+
+
+def test_the_triton_quantize_kernel_gives_the_readable_bytes():
+    """Packed codes, absmax, and the double-quantized absmax with its scales and offset, equal to the PyTorch path
+    (which equals bitsandbytes): odd sizes, tail blocks, all-zero blocks, block sizes 32 to 256, three dtypes; run by
+    Triton's interpreter on the CPU, and on CUDA by test_gpu.py."""
+    pytest.importorskip("triton")
+    import os
+    import subprocess
+    import sys
+
+    done = subprocess.run([sys.executable, "-c", TRITON_QUANTIZE_CHECK], capture_output=True, text=True,
+                          env={**os.environ, "TRITON_INTERPRET": "1"})
+    assert done.returncode == 0 and done.stdout.strip() == "equal", done.stderr[-1500:]
+
+
 def test_an_unknown_kernel_is_refused():
     with pytest.raises(ValueError, match="kernel must be"):
         dequantize_nf4(quantize_nf4(torch.randn(64)), kernel="cuda")
+    with pytest.raises(ValueError, match="kernel must be"):
+        quantize_nf4(torch.randn(64), kernel="cuda")

@@ -41,6 +41,7 @@ class AdapterConfig:
     layers_pattern: str | None = None  # the name of the list of layers ("layers", "h", "block"); None: any
     detach_norm: bool = True  # DoRA only: the norm is a constant for autograd (paper, section 4.3)
     norm: str = "exact"  # DoRA only: "exact" (peft's way) or "factored" (from small products)
+    fused: bool = False  # DoRA only: the backward keeps only the output (dora.py; gradients equal within rounding)
 
 
 def adapter_layers(model: nn.Module) -> dict:
@@ -64,8 +65,10 @@ def check_config(model: nn.Module, c: AdapterConfig) -> tuple:
         raise ValueError("This model already has adapters: call remove_adapters(model) before adding new ones.")
     if not isinstance(c.rslora, bool):
         raise ValueError(f"rslora must be True or False, got {c.rslora!r}.")
-    if c.method == "lora" and (c.detach_norm is not True or c.norm != "exact"):
-        raise ValueError("detach_norm and norm are DoRA's options; they mean nothing for method='lora'.")
+    if c.method == "lora" and (c.detach_norm is not True or c.norm != "exact" or c.fused is not False):
+        raise ValueError("detach_norm, norm and fused are DoRA's options; they mean nothing for method='lora'.")
+    if c.fused and not c.detach_norm:
+        raise ValueError("fused=True treats DoRA's norm as a constant for autograd; it needs detach_norm=True.")
     if c.norm not in ("exact", "factored"):
         raise ValueError(f"norm must be 'exact' or 'factored', got {c.norm!r}.")
     if c.layers_to_transform is not None and (
@@ -181,7 +184,7 @@ def add_adapters(model: nn.Module, method="lora", **fields) -> nn.Module:
     method: "lora" or "dora" (on a model quantized with `nanopeft.qlora.quantize_model` this is QLoRA or QDoRA:
             the adapters wrap the LinearNF4 layers); or a peft `LoraConfig`, whose fields then set everything.
     fields: those of `AdapterConfig` -- r, alpha, targets, dropout, rslora, modules_to_save, layers_to_transform,
-            layers_pattern, and DoRA's detach_norm and norm.
+            layers_pattern, and DoRA's detach_norm, norm and fused.
     """
     if isinstance(method, str):
         config = config_from(method, **fields)
@@ -198,7 +201,7 @@ def add_adapters(model: nn.Module, method="lora", **fields) -> nn.Module:
     layer_class = {"lora": LoRALinear, "dora": DoRALinear}[config.method]
     options = {"dropout": config.dropout, "rslora": config.rslora}
     if config.method == "dora":
-        options.update(detach_norm=config.detach_norm, norm=config.norm)
+        options.update(detach_norm=config.detach_norm, norm=config.norm, fused=config.fused)
     flags = {n: p.requires_grad for n, p in model.named_parameters()}
     modules = dict(model.named_modules())
     placed = []

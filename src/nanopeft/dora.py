@@ -24,6 +24,19 @@ The row norms themselves need no (out, in) matrix either (`norm="factored"`): ex
 
 where ||W0||^2 is fixed (W0 is frozen), W0 A^T is (out, r) and A A^T is (r, r). `norm="exact"` (the default, and
 peft's way) builds W0 + s B A and takes its norms; the two agree to float rounding.
+
+The backward pass of the combination above keeps W0 x and B A x, two (tokens, out) tensors per layer, for m's
+gradient. One is enough, and it can be the output h itself (`fused=True`). Write n = ||W0 + s B A|| (out,), a
+constant for autograd (detach_norm), g = m / n (out,), b the bias; all broadcast over tokens, and for each output i:
+
+    h - b = g * (W0 x + s B A x)     so     dh_i/dm_i = (W0 x + s B A x)_i / n_i = (h - b)_i / m_i
+
+and the backward needs only h, g, m and b:
+
+    dL/d(W0 x + b) = g * dL/dh      dL/d(B A x) = g * s * dL/dh      dL/dm = sum over tokens of dL/dh * (h - b) / m
+
+That costs one (tokens, out) tensor per layer instead of two; the gradients equal the unfused ones within the
+rounding of h (the output's dtype), and (h - b) / m needs m != 0.
 """
 from __future__ import annotations
 
@@ -36,6 +49,42 @@ from .lora import LoRALinear, base_weight
 NORMS = ("exact", "factored")
 
 
+class _DoRAOutput(torch.autograd.Function):
+    """h = result + ((g - 1) * (result - b) + g * s * lora), g = m / n, computed as peft computes it; the backward
+    keeps only h, m, n and b (module docstring: dh/dm = (h - b) / m), so W0 x and B A x are not kept for it.
+
+    result = W0 x + b carries b's gradient g * dL/dh back through the base layer; the (1 - g) * dL/dh that b gets
+    through the "- b" is returned here, so a trainable bias gets dL/dh in all, as in peft."""
+
+    @staticmethod
+    def forward(ctx, result, lora, magnitude, norm, bias, s):
+        g = (magnitude / norm).view(1, -1)  # (1, out)
+        base = result - bias if bias is not None else result  # W0 x
+        h = (result + ((g - 1) * base + g * lora * s)).to(result.dtype)  # (..., out)
+        ctx.save_for_backward(h, magnitude, norm, bias)
+        ctx.s, ctx.result_dtype, ctx.lora_dtype = s, result.dtype, lora.dtype
+        return h
+
+    @staticmethod
+    def backward(ctx, grad):
+        h, magnitude, norm, bias = ctx.saved_tensors
+        grad = grad.to(magnitude.dtype)  # (..., out), float32 like the adapter
+        g = magnitude / norm  # (out,)
+        d_result = d_lora = d_magnitude = None
+        if ctx.needs_input_grad[0]:
+            d_result = (grad * g).to(ctx.result_dtype)
+        if ctx.needs_input_grad[1]:
+            d_lora = (grad * (g * ctx.s)).to(ctx.lora_dtype)
+        if ctx.needs_input_grad[2]:
+            direction = h.to(magnitude.dtype) - bias if bias is not None else h.to(magnitude.dtype)  # h - b
+            # (h - b) / m needs m != 0: a row of W0 that is all zeros starts at m = 0; use fused=False there
+            d_magnitude = (grad * direction).reshape(-1, grad.shape[-1]).sum(0) / magnitude  # (out,)
+        d_bias = None
+        if ctx.needs_input_grad[4]:
+            d_bias = ((1 - g) * grad).reshape(-1, grad.shape[-1]).sum(0).to(bias.dtype)  # (out,)
+        return d_result, d_lora, d_magnitude, None, d_bias, None
+
+
 class DoRALinear(LoRALinear):
     """LoRA's A and B (inherited: init, scaling, dropout, rsLoRA) plus a trainable magnitude m (out,).
 
@@ -43,18 +92,26 @@ class DoRALinear(LoRALinear):
                  differentiates through it (same outputs, different gradients, more memory).
     norm:        "exact" builds W0 + s B A (out, in) to take its row norms, as peft does (bit for bit equal to
                  peft); "factored" gets the same norms from (out, r) and (r, r) products (equal within float
-                 rounding, less memory and time).
+                 rounding; no (out, in) temporary, which on our CPU and GPU runs did not change the step time).
+    fused:       False: autograd keeps W0 x and B A x for the backward, as in peft (bit for bit equal to peft).
+                 True: one autograd step keeps only the output (module docstring); the same outputs as with
+                 fused=False, gradients equal within float rounding, one (tokens, out) tensor less per layer.
+                 Needs detach_norm=True and m != 0; with dropout active it falls back to the False path (W0 x is
+                 then computed on the dropped input).
     """
 
     use_dora = True
     PEFT_NAMES = {**LoRALinear.PEFT_NAMES, "magnitude": "lora_magnitude_vector"}
 
     def __init__(self, base: nn.Module, r: int, alpha: float, dropout: float = 0.0, rslora: bool = False,
-                 detach_norm: bool = True, norm: str = "exact"):
+                 detach_norm: bool = True, norm: str = "exact", fused: bool = False):
         if norm not in NORMS:
             raise ValueError(f"norm must be one of {NORMS}, got {norm!r}.")
+        if fused and not detach_norm:
+            raise ValueError("fused=True treats the norm as a constant for autograd; it needs detach_norm=True. "
+                             "Use fused=False to differentiate through the norm.")
         super().__init__(base, r, alpha, dropout=dropout, rslora=rslora)
-        self.detach_norm, self.norm = detach_norm, norm
+        self.detach_norm, self.norm, self.fused = detach_norm, norm, fused
         with torch.no_grad():
             # m = ||W0 + s B A|| = ||W0|| row by row, since B = 0: then W' = W0 at the start. peft takes this norm in
             # the base's dtype on a float base (it moves the new adapter to that dtype first) and in float32 on a
@@ -84,10 +141,11 @@ class DoRALinear(LoRALinear):
         weight = base_weight(self.base_layer).to(A.dtype)  # (out, in); a copy only for a half-precision or 4-bit base
         if self._weight_sq is None or self._weight_sq.device != weight.device:
             self._weight_sq = torch.linalg.vector_norm(weight.detach(), dim=1).pow(2)  # ||W0||^2       (out,)
-        cross = (B * (weight @ A.T)).sum(dim=1)  # rowdot(W0, B A) = rowsum(B * (W0 A^T))     (out, r) -> (out,)
-        square = ((B @ (A @ A.T)) * B).sum(dim=1)  # ||B A||^2 = rowsum((B (A A^T)) * B)     (out, r) -> (out,)
-        # clamp: the three terms can cancel to a tiny negative number by rounding; a norm is never negative
-        return (self._weight_sq + 2 * s * cross + s * s * square).clamp(min=0).sqrt()  # (out,)
+        # 2 s rowdot(W0, B A) + s^2 ||B A||^2 = rowsum(B * (2 s W0 A^T + s^2 B (A A^T))): one (out, r) matrix,
+        # built by one addmm, and one row-wise dot product (few kernels: on a GPU each launch costs time)
+        inner = torch.addmm(weight @ A.T, B, A @ A.T, beta=2 * s, alpha=s * s)  # (out, r)
+        # clamp: the terms can cancel to a tiny negative number by rounding; a norm is never negative
+        return (self._weight_sq + torch.linalg.vecdot(B, inner)).clamp(min=0).sqrt()  # (out,)
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
         result = self.base_layer(x)  # W0 x + b                                   (..., out)
@@ -99,9 +157,13 @@ class DoRALinear(LoRALinear):
                 norm = self.weight_norm()  # (out,)
         else:
             norm = self.weight_norm()
+        dropping = isinstance(self.lora_dropout, nn.Dropout) and self.training
+        if self.fused and not dropping:
+            lora = F.linear(F.linear(x, self.lora_A), self.lora_B)  # B A x                  (..., out)
+            return _DoRAOutput.apply(result, lora, self.magnitude, norm, self.base_layer.bias, self.scaling)
         scale = (self.magnitude / norm).view(1, -1)  # m / ||W0 + s B A||           (1, out)
 
-        if isinstance(self.lora_dropout, nn.Dropout) and self.training:
+        if dropping:
             x = self.lora_dropout(x)
             base = F.linear(x, base_weight(self.base_layer).to(x.dtype))  # W0 dropout(x), no bias
         else:
@@ -144,4 +206,4 @@ class DoRALinear(LoRALinear):
         self.merged = False
 
     def extra_repr(self) -> str:
-        return super().extra_repr() + f", detach_norm={self.detach_norm}, norm={self.norm!r}"
+        return super().extra_repr() + f", detach_norm={self.detach_norm}, norm={self.norm!r}, fused={self.fused}"

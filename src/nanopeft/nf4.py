@@ -26,9 +26,9 @@ import torch.nn.functional as F
 from torch import nn
 
 try:  # one GPU kernel for the dequantization, where Triton is installed (it comes with CUDA builds of torch)
-    from .nf4_triton import dequantize_kernel
+    from .nf4_triton import dequantize_kernel, quantize_kernel
 except ImportError:  # CPU-only installs: the PyTorch path serves every device
-    dequantize_kernel = None
+    dequantize_kernel = quantize_kernel = None
 
 BLOCKSIZES = (32, 64, 128, 256, 512, 1024, 2048, 4096)  # the block sizes bitsandbytes supports
 FLOAT_DTYPES = (torch.float32, torch.float16, torch.bfloat16)
@@ -127,8 +127,9 @@ def quantize_blockwise(x: torch.Tensor, code: torch.Tensor, blocksize: int):
 def nearest_level(values: torch.Tensor, code: torch.Tensor) -> torch.Tensor:
     """The index of the nearest level of `code` (sorted) for each value; a value exactly half-way between two levels
     goes to the lower one. Level j is nearest on (midpoint j-1, midpoint j], so its index is the number of midpoints
-    strictly below the value. For NF4's 15 midpoints, counting them (15 comparisons per value) is 2-3x faster on a
-    CPU than a binary search; for the 255 of the 8-bit dynamic code, the binary search (`bucketize`) wins."""
+    strictly below the value. For NF4's 15 midpoints, counting them (15 comparisons per value) was about 3x faster on
+    our CPU than a binary search (on CUDA `bucketize` was faster; there the Triton kernel counts in registers); for the
+    255 of the 8-bit dynamic code, the binary search (`bucketize`) wins."""
     midpoints = (code[:-1] + code[1:]) / 2
     if midpoints.numel() > 32:
         return torch.bucketize(values, midpoints)
@@ -252,10 +253,35 @@ def check_quantizable(w, blocksize: int, name: str = "tensor") -> None:
                          f"in that block would be lost. Fix the weights (torch.nan_to_num) before quantizing.")
 
 
-def quantize_nf4(w: torch.Tensor, blocksize: int = 64, double_quant: bool = False) -> NF4Tensor:
+def _use_triton(kernel: str, t: torch.Tensor, fn) -> bool:
+    if kernel not in ("auto", "torch", "triton"):
+        raise ValueError(f"kernel must be 'auto', 'torch' or 'triton', got {kernel!r}.")
+    if kernel == "triton" and fn is None:
+        raise ImportError("kernel='triton' needs Triton (pip install triton; CUDA builds of torch include it).")
+    return kernel == "triton" or (kernel == "auto" and t.is_cuda and fn is not None)
+
+
+@functools.cache
+def _midpoints_on(name: str, device: torch.device) -> torch.Tensor:
+    code = _code_on(name, device)
+    return (code[:-1] + code[1:]) / 2  # as nearest_level computes them
+
+
+def quantize_nf4(w: torch.Tensor, blocksize: int = 64, double_quant: bool = False, kernel: str = "auto") -> NF4Tensor:
     """Quantize `w` to NF4 exactly as `bitsandbytes.functional.quantize_4bit(w, blocksize, quant_type="nf4",
-    compress_statistics=double_quant)` does (same bytes, same absmax)."""
+    compress_statistics=double_quant)` does (same bytes, same absmax). kernel: "torch" (this function's code),
+    "triton" (the same bytes from one GPU kernel per quantization, `nanopeft.nf4_triton`), or "auto": Triton for a
+    CUDA tensor where Triton is installed, else torch."""
     check_quantizable(w, blocksize, "w")
+    if _use_triton(kernel, w, quantize_kernel):
+        packed, absmax = quantize_kernel(w, _midpoints_on("nf4", w.device), blocksize, pack=True)
+        q = NF4Tensor(packed, absmax, blocksize, w.shape, w.dtype)
+        if double_quant:
+            offset = absmax.mean()
+            codes, scale = quantize_kernel(absmax, _midpoints_on("dynamic", w.device), NF4Tensor.DQ_BLOCKSIZE,
+                                           pack=False, offset=offset)
+            q.absmax, q.absmax_scale, q.offset = codes, scale, offset
+        return q
     indices, absmax = quantize_blockwise(w, _code_on("nf4", w.device), blocksize)  # (n,), (blocks,)
     q = NF4Tensor(pack(indices), absmax, blocksize, w.shape, w.dtype)
     if double_quant:
@@ -274,13 +300,9 @@ def dequantize_nf4(q: NF4Tensor, dtype: torch.dtype | None = None, kernel: str =
     broadcast. kernel: "torch" (this function's code), "triton" (the same numbers in one GPU kernel,
     `nanopeft.nf4_triton`), or "auto": Triton for a CUDA tensor where Triton is installed, else torch.
     """
-    if kernel not in ("auto", "torch", "triton"):
-        raise ValueError(f"kernel must be 'auto', 'torch' or 'triton', got {kernel!r}.")
-    if kernel == "triton" or (kernel == "auto" and q.packed.is_cuda and dequantize_kernel is not None):
-        if dequantize_kernel is None:
-            raise ImportError("kernel='triton' needs Triton (pip install triton; CUDA builds of torch include it).")
-        return dequantize_kernel(q.packed, q.block_absmax(), _code_on("nf4", q.packed.device), q.shape, q.blocksize,
-                                 dtype or q.dtype)
+    if _use_triton(kernel, q.packed, dequantize_kernel):
+        device = q.packed.device
+        return dequantize_kernel(q, _code_on("nf4", device), _code_on("dynamic", device), dtype or q.dtype)
     # the 256 x 2 table read as 256 eight-byte words: one gather fetches both values of a byte at once
     words = _code_on("nf4-pairs", q.packed.device).view(torch.int64).view(-1)  # (256,)
     values = words.index_select(0, q.packed.view(-1).int()).view(torch.float32)[: q.numel]  # (n,) high, low, ...

@@ -79,14 +79,14 @@ def claims(showdown: dict, timings: dict | None = None) -> list:
         f"{cfg['test_tickets']} tickets", pct(d), "difference > 0", verdict(d, 1e-9, 1))
     d = accuracy_gap("qlora", "lora")
     add("QLoRA's quality stays very close to LoRA's", "seed articles 'variants', 'compared'",
-        "test accuracy, QLoRA - LoRA", pct(d), f"|difference| <= {CLOSE:.0%}", verdict(d, -CLOSE, CLOSE))
+        "test accuracy, QLoRA - LoRA", pct(d), f"|difference| <= {CLOSE * 100:.0f} pts", verdict(d, -CLOSE, CLOSE))
     q = time_ratio("qlora", "lora")
     add("QLoRA is slower (quantize/dequantize overhead)", "seed article 'compared'",
         f"QLoRA / LoRA step time, {timed} on this {where}", q.format(digits=2, unit="x"), "ratio > 1",
         verdict(q, 1 + 1e-9))
     d = accuracy_gap("qdora", "full")
     add("QDoRA can match or surpass full fine-tuning", "seed article 'compared'",
-        "test accuracy, QDoRA - full fine-tuning of the same matrices", pct(d), f"difference >= -{CLOSE:.0%}",
+        "test accuracy, QDoRA - full fine-tuning of the same matrices", pct(d), f"difference >= -{CLOSE * 100:.0f} pts",
         verdict(d, -CLOSE, 1))
     if "lora+" in by:
         d = accuracy_gap("lora+", "lora")

@@ -46,7 +46,7 @@ def encode(tokenizer, examples, device=None) -> dict:
         answer = tokenizer(answer_text(tokenizer, ex.label), add_special_tokens=False)["input_ids"]
         rows.append((prompt + answer, [IGNORE_INDEX] * len(prompt) + answer, len(answer)))
     width = max(len(ids) for ids, _, _ in rows)
-    pad = tokenizer.pad_token_id
+    pad = tokenizer.pad_token_id if tokenizer.pad_token_id is not None else tokenizer.eos_token_id  # masked anyway
     input_ids = torch.tensor([[pad] * (width - len(ids)) + ids for ids, _, _ in rows])  # (B, T)
     labels = torch.tensor([[IGNORE_INDEX] * (width - len(lab)) + lab for _, lab, _ in rows])  # (B, T)
     attention_mask = torch.tensor([[0] * (width - len(ids)) + [1] * len(ids) for ids, _, _ in rows])  # (B, T)
