@@ -123,6 +123,46 @@ def throughput(model, device, repeats, compile_):
         print(f"  against bitsandbytes' own PyTorch path: ratio "
               f"{totals['dequantize ours torch'] / totals['dequantize bnb torch']:.2f}")
     nearest_level_ways(model, device, repeats)
+    if device.type == "cpu":
+        gather_floor(model, device, repeats)
+
+
+def gather_floor(model, device, repeats):
+    """Why the CPU dequantize stays above 2x bitsandbytes' C kernel: on the largest matrix, the gather alone (one
+    `index_select` per byte from the 256-entry table of value pairs) against bitsandbytes' whole dequantize, and two
+    other arrangements: a 65,536-entry table (one gather per two bytes) and torch.compile of ours."""
+    import bitsandbytes.functional as bf
+
+    from nanopeft.nf4 import _code_on, dequantize_nf4, quantize_nf4
+
+    w = max((m.weight.detach() for n, m in model.named_modules()
+             if isinstance(m, torch.nn.Linear) and not n.endswith("lm_head")), key=torch.numel).to(device)
+    q = quantize_nf4(w, double_quant=True)
+    packed, state = bf.quantize_4bit(w, blocksize=64, quant_type="nf4", compress_statistics=True)
+    words = _code_on("nf4-pairs", device).view(torch.int64).view(-1)  # (256,) both values of a byte in 8 bytes
+    code = _code_on("nf4", device)
+    v = torch.arange(65536)
+    b0, b1 = v & 255, v >> 8  # two bytes, little-endian, as an int16 view reads them
+    quads = torch.stack([code[b0 >> 4], code[b0 & 15], code[b1 >> 4], code[b1 & 15]], 1).contiguous()
+    quads = quads.view(torch.complex128).view(-1)  # (65536,) four values in 16 bytes
+    absmax = q.block_absmax()
+
+    def two_bytes():
+        values = quads.index_select(0, q.packed.view(-1).view(torch.int16).int() & 0xFFFF).view(torch.float32)
+        return values.view(-1, 64).mul_(absmax.view(-1, 1))
+
+    compiled = torch.compile(lambda q: dequantize_nf4(q, kernel="torch"), dynamic=False)
+    assert torch.equal(two_bytes().view(w.shape), dequantize_nf4(q)) and torch.equal(compiled(q), dequantize_nf4(q))
+    t = {}
+    for _ in range(2):
+        t["gather alone"] = timeit(lambda: words.index_select(0, q.packed.view(-1).int()), repeats, device)
+        t["bnb dequantize"] = timeit(lambda: bf.dequantize_4bit(packed, state), repeats, device)
+        t["ours"] = timeit(lambda: dequantize_nf4(q), repeats, device)
+        t["two-byte table"] = timeit(two_bytes, repeats, device)
+        t["torch.compile of ours"] = timeit(lambda: compiled(q), repeats, device)
+    print(f"  dequantize floor on {tuple(w.shape)} ({q.packed.numel():,} bytes): " +
+          ", ".join(f"{k} {v * 1e3:.3f} ms" for k, v in t.items()) +
+          f" -> the gather alone is {t['gather alone'] / t['bnb dequantize']:.1f}x bitsandbytes' whole dequantize")
 
 
 def nearest_level_ways(model, device, repeats):

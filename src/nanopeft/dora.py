@@ -31,12 +31,15 @@ constant for autograd (detach_norm), g = m / n (out,), b the bias; all broadcast
 
     h - b = g * (W0 x + s B A x)     so     dh_i/dm_i = (W0 x + s B A x)_i / n_i = (h - b)_i / m_i
 
-and the backward needs only h, g, m and b:
+and the backward needs only h, m, n and b:
 
     dL/d(W0 x + b) = g * dL/dh      dL/d(B A x) = g * s * dL/dh      dL/dm = sum over tokens of dL/dh * (h - b) / m
 
+(a trainable b also gets (1 - g) * dL/dh through the "- b", so dL/dh in all).
+
 That costs one (tokens, out) tensor per layer instead of two; the gradients equal the unfused ones within the
-rounding of h (the output's dtype), and (h - b) / m needs m != 0.
+rounding of h (the output's dtype), and (h - b) / m needs m != 0 (a magnitude trained or loaded as 0; a zero row of
+W0 breaks DoRA in any form, since then n = 0 at the start).
 """
 from __future__ import annotations
 
@@ -77,7 +80,7 @@ class _DoRAOutput(torch.autograd.Function):
             d_lora = (grad * (g * ctx.s)).to(ctx.lora_dtype)
         if ctx.needs_input_grad[2]:
             direction = h.to(magnitude.dtype) - bias if bias is not None else h.to(magnitude.dtype)  # h - b
-            # (h - b) / m needs m != 0: a row of W0 that is all zeros starts at m = 0; use fused=False there
+            # (h - b) / m needs m != 0: for a magnitude trained or loaded as 0, use fused=False
             d_magnitude = (grad * direction).reshape(-1, grad.shape[-1]).sum(0) / magnitude  # (out,)
         d_bias = None
         if ctx.needs_input_grad[4]:
@@ -92,12 +95,13 @@ class DoRALinear(LoRALinear):
                  differentiates through it (same outputs, different gradients, more memory).
     norm:        "exact" builds W0 + s B A (out, in) to take its row norms, as peft does (bit for bit equal to
                  peft); "factored" gets the same norms from (out, r) and (r, r) products (equal within float
-                 rounding; no (out, in) temporary, which on our CPU and GPU runs did not change the step time).
+                 rounding; no (out, in) matrix from A and B, though a half-precision or 4-bit W0 is still cast
+                 or dequantized to float32 each step; on our CPU and GPU runs the step time did not change).
     fused:       False: autograd keeps W0 x and B A x for the backward, as in peft (bit for bit equal to peft).
                  True: one autograd step keeps only the output (module docstring); the same outputs as with
                  fused=False, gradients equal within float rounding, one (tokens, out) tensor less per layer.
-                 Needs detach_norm=True and m != 0; with dropout active it falls back to the False path (W0 x is
-                 then computed on the dropped input).
+                 Needs detach_norm=True and every m != 0; with dropout active it falls back to the False path
+                 (W0 x is then computed on the dropped input).
     """
 
     use_dora = True

@@ -127,7 +127,7 @@ def quantize_blockwise(x: torch.Tensor, code: torch.Tensor, blocksize: int):
 def nearest_level(values: torch.Tensor, code: torch.Tensor) -> torch.Tensor:
     """The index of the nearest level of `code` (sorted) for each value; a value exactly half-way between two levels
     goes to the lower one. Level j is nearest on (midpoint j-1, midpoint j], so its index is the number of midpoints
-    strictly below the value. For NF4's 15 midpoints, counting them (15 comparisons per value) was about 3x faster on
+    strictly below the value. For NF4's 15 midpoints, counting them (15 comparisons per value) was 2-3x faster on
     our CPU than a binary search (on CUDA `bucketize` was faster; there the Triton kernel counts in registers); for the
     255 of the 8-bit dynamic code, the binary search (`bucketize`) wins."""
     midpoints = (code[:-1] + code[1:]) / 2

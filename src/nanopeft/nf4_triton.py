@@ -11,7 +11,8 @@ while the numbers are in registers:
 
 With double quantization the dequantize kernel decodes each block's absmax in the same pass (dynamic[code] * scale +
 offset), and the quantize kernel runs twice: on the weight (4-bit codes, packed) and on the absmax minus their mean
-(8-bit codes); so a weight costs one or two launches, not the dozen a PyTorch version needs. Dequantizing reads
+(8-bit codes), with the absmax' mean taken by PyTorch between them; so a weight costs one to three launches, not
+the dozen a PyTorch version needs. Dequantizing reads
 0.5 bytes per weight (plus the absmax) and writes 2 (float16/bfloat16) or 4 (float32): the least any
 dequantization can move. The arithmetic is the readable version's, operation for operation (bitsandbytes' details
 included: 1/absmax for full blocks, a division for the tail, 1e-38 for an all-zero block), and compiled with
@@ -79,7 +80,7 @@ def _quantize_kernel(x_ptr, midpoints_ptr, offset_ptr, codes_ptr, absmax_ptr, n,
     if CENTRE:  # double quantization: the absmax values minus their mean
         x = tl.where(index < n, x - tl.load(offset_ptr), 0.0)
     absmax = tl.max(tl.abs(x), axis=1)  # (BLOCKS,)
-    tiny = tl.full((BLOCKS,), 1e-38, tl.float32)  # (a float32 constant: as a bare 1e-38 Triton would make it float64)
+    tiny = tl.full((BLOCKS,), 1e-38, tl.float32)  # float32: a bare 1e-38 (below float32's normal range) is float64
     divisor = tl.maximum(absmax, tiny)  # an all-zero block divides by 1e-38, as bitsandbytes does
     tail = (block + 1) * BLOCKSIZE > n  # the last, shorter block is divided by its absmax; full ones multiplied
     scaled = tl.where(tail[:, None], tl.math.div_rn(x, divisor[:, None]), x * tl.math.div_rn(1.0, divisor)[:, None])
