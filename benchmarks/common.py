@@ -28,6 +28,14 @@ def parser(description):
     return p
 
 
+def random_batch(vocab_size: int, batch_size: int, seq_len: int) -> dict:
+    """Random token ids shaped like a batch of tickets: a two-token answer at the end of each row (seed 0)."""
+    ids = torch.randint(0, vocab_size, (batch_size, seq_len), generator=torch.Generator().manual_seed(0))
+    labels = torch.full_like(ids, -100)
+    labels[:, -2:] = ids[:, -2:]  # a two-token answer at the end, as in the ticket task
+    return {"input_ids": ids, "attention_mask": torch.ones_like(ids), "labels": labels, "keep": 3}
+
+
 def setup(args):
     """(base model, batch, description) on args.device in args.dtype."""
     device, dtype = torch.device(args.device), getattr(torch, args.dtype)
@@ -35,11 +43,7 @@ def setup(args):
         from nanopeft.lab.models import smollm2_shaped
 
         base = smollm2_shaped()
-        g = torch.Generator().manual_seed(0)
-        ids = torch.randint(0, base.config.vocab_size, (args.batch_size, args.seq_len), generator=g)
-        labels = torch.full_like(ids, -100)
-        labels[:, -2:] = ids[:, -2:]  # a two-token answer at the end, as in the ticket task
-        batch = {"input_ids": ids, "attention_mask": torch.ones_like(ids), "labels": labels, "keep": 3}
+        batch = random_batch(base.config.vocab_size, args.batch_size, args.seq_len)
     else:
         from nanopeft.lab.data import load_task
         from nanopeft.lab.models import load_base_model
@@ -74,19 +78,13 @@ def peft_model(base, method, r):
 def step(model, batch, device, count_saved=False):
     """One forward + backward: (seconds, bytes saved for backward or None, CUDA peak bytes or None). The saved
     bytes are counted by hooks on autograd (a Python call per saved tensor), so timed steps run without them."""
-    from nanopeft.lab.train import answer_loss, forward_backward
+    from nanopeft.lab.train import forward_backward
 
     if device.type == "cuda":
         torch.cuda.synchronize(device)
         torch.cuda.reset_peak_memory_stats(device)
     start = time.perf_counter()
-    if count_saved:
-        _, saved = forward_backward(model, batch)
-    else:
-        saved = None
-        logits = model(input_ids=batch["input_ids"], attention_mask=batch["attention_mask"],
-                       logits_to_keep=batch["keep"]).logits
-        answer_loss(logits, batch["labels"]).backward()
+    _, saved = forward_backward(model, batch, count_saved=count_saved)
     if device.type == "cuda":
         torch.cuda.synchronize(device)
     elapsed = time.perf_counter() - start

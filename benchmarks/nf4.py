@@ -168,7 +168,7 @@ def gather_floor(model, device, repeats):
 def nearest_level_ways(model, device, repeats):
     """The rounding step of quantize alone: counting the 15 midpoints below each value (what nf4.nearest_level does)
     against a binary search (torch.bucketize), on the scaled values of the largest matrix."""
-    from nanopeft.nf4 import nearest_level, nf4_code
+    from nanopeft.nf4 import midpoints_of, nearest_level, nf4_code
 
     w = max((m.weight.detach() for n, m in model.named_modules()
              if isinstance(m, torch.nn.Linear) and not n.endswith("lm_head")), key=torch.numel)
@@ -176,7 +176,7 @@ def nearest_level_ways(model, device, repeats):
     blocks = w.view(-1, 64)
     scaled = (blocks / blocks.abs().amax(1, keepdim=True)).flatten()
     code = nf4_code().to(device)
-    midpoints = (code[:-1] + code[1:]) / 2
+    midpoints = midpoints_of(code)
     same = torch.equal(nearest_level(scaled, code), torch.bucketize(scaled, midpoints))
     t = {}
     for _ in range(2):
@@ -279,10 +279,9 @@ def main():
 
         base, folder = smollm2_shaped(), tempfile.mkdtemp()
         base.save_pretrained(folder)
-        ids = torch.randint(0, base.config.vocab_size, (args.batch_size, 100), generator=torch.Generator().manual_seed(0))
-        labels = torch.full_like(ids, -100)
-        labels[:, -2:] = ids[:, -2:]  # a two-token answer at the end, as in the ticket task
-        random_batch = {"input_ids": ids, "attention_mask": torch.ones_like(ids), "labels": labels, "keep": 3}
+        from common import random_batch
+
+        batch_on_cpu = random_batch(base.config.vocab_size, args.batch_size, 100)
     else:
         base, tok = load_base_model()
         folder = bundled_model_folder()
@@ -303,7 +302,7 @@ def main():
         theirs = prepare_model_for_kbit_training(theirs, use_gradient_checkpointing=False)
         torch.manual_seed(0)
         theirs = get_peft_model(theirs, LoraConfig(r=8, lora_alpha=16, target_modules="all-linear"))
-        batch = ({k: (v.to(device) if torch.is_tensor(v) else v) for k, v in random_batch.items()} if args.random
+        batch = ({k: (v.to(device) if torch.is_tensor(v) else v) for k, v in batch_on_cpu.items()} if args.random
                  else encode(tok, load_task().train[: args.batch_size], device))
         qlora_step({"nanopeft (quantize_model + add_adapters)": ours,
                     "transformers + bitsandbytes + peft": theirs}, batch, args.steps, device)

@@ -52,6 +52,11 @@ from .lora import LoRALinear, base_weight
 NORMS = ("exact", "factored")
 
 
+def _combine(result, base, lora, g, s):
+    """h = W0 x + b + (g - 1) W0 x + g s B A x, g = m / n of shape (1, out), in peft's order of operations."""
+    return (result + ((g - 1) * base + g * lora * s)).to(result.dtype)
+
+
 class _DoRAOutput(torch.autograd.Function):
     """h = result + ((g - 1) * (result - b) + g * s * lora), g = m / n, computed as peft computes it; the backward
     keeps only h, m, n and b (module docstring: dh/dm = (h - b) / m), so W0 x and B A x are not kept for it.
@@ -63,7 +68,7 @@ class _DoRAOutput(torch.autograd.Function):
     def forward(ctx, result, lora, magnitude, norm, bias, s):
         g = (magnitude / norm).view(1, -1)  # (1, out)
         base = result - bias if bias is not None else result  # W0 x
-        h = (result + ((g - 1) * base + g * lora * s)).to(result.dtype)  # (..., out)
+        h = _combine(result, base, lora, g, s)  # (..., out)
         ctx.save_for_backward(h, magnitude, norm, bias)
         ctx.s, ctx.result_dtype, ctx.lora_dtype = s, result.dtype, lora.dtype
         return h
@@ -162,21 +167,20 @@ class DoRALinear(LoRALinear):
         else:
             norm = self.weight_norm()
         dropping = isinstance(self.lora_dropout, nn.Dropout) and self.training
-        if self.fused and not dropping:
-            lora = F.linear(F.linear(x, self.lora_A), self.lora_B)  # B A x                  (..., out)
-            return _DoRAOutput.apply(result, lora, self.magnitude, norm, self.base_layer.bias, self.scaling)
-        scale = (self.magnitude / norm).view(1, -1)  # m / ||W0 + s B A||           (1, out)
-
         if dropping:
             x = self.lora_dropout(x)
+        lora = F.linear(F.linear(x, self.lora_A), self.lora_B)  # B A x                  (..., out)
+        if self.fused and not dropping:  # one autograd step that keeps only the output (module docstring)
+            return _DoRAOutput.apply(result, lora, self.magnitude, norm, self.base_layer.bias, self.scaling)
+
+        if dropping:
             base = F.linear(x, base_weight(self.base_layer).to(x.dtype))  # W0 dropout(x), no bias
         else:
             bias = self.base_layer.bias
             base = result - bias if bias is not None else result  # W0 x, reused
-
-        lora = F.linear(F.linear(x, self.lora_A), self.lora_B)  # B A x                  (..., out)
+        scale = (self.magnitude / norm).view(1, -1)  # m / ||W0 + s B A||           (1, out)
         # h = W0 x + b + (m/n - 1) W0 x + (m/n) s B A x
-        return (result + ((scale - 1) * base + scale * lora * self.scaling)).to(result.dtype)
+        return _combine(result, base, lora, scale, self.scaling)
 
     def effective_weight(self) -> torch.Tensor:
         """W' = (m / ||W0 + s B A||) * (W0 + s B A), (out, in), in float32."""

@@ -124,13 +124,18 @@ def quantize_blockwise(x: torch.Tensor, code: torch.Tensor, blocksize: int):
     return nearest_level(scaled, code), torch.cat(maxes)
 
 
+def midpoints_of(code: torch.Tensor) -> torch.Tensor:
+    """The len(code) - 1 points half-way between neighbouring levels of `code` (sorted): the rounding boundaries."""
+    return (code[:-1] + code[1:]) / 2
+
+
 def nearest_level(values: torch.Tensor, code: torch.Tensor) -> torch.Tensor:
     """The index of the nearest level of `code` (sorted) for each value; a value exactly half-way between two levels
     goes to the lower one. Level j is nearest on (midpoint j-1, midpoint j], so its index is the number of midpoints
     strictly below the value. For NF4's 15 midpoints, counting them (15 comparisons per value) was 2-3x faster on
     our CPU than a binary search (on CUDA `bucketize` was faster; there the Triton kernel counts in registers); for the
     255 of the 8-bit dynamic code, the binary search (`bucketize`) wins."""
-    midpoints = (code[:-1] + code[1:]) / 2
+    midpoints = midpoints_of(code)
     if midpoints.numel() > 32:
         return torch.bucketize(values, midpoints)
     index = torch.zeros(values.shape, dtype=torch.uint8, device=values.device)
@@ -263,8 +268,8 @@ def _use_triton(kernel: str, t: torch.Tensor, fn) -> bool:
 
 @functools.cache
 def _midpoints_on(name: str, device: torch.device) -> torch.Tensor:
-    code = _code_on(name, device)
-    return (code[:-1] + code[1:]) / 2  # as nearest_level computes them
+    """`midpoints_of` a code table, built once per device (what the Triton quantize kernel compares against)."""
+    return midpoints_of(_code_on(name, device))
 
 
 def quantize_nf4(w: torch.Tensor, blocksize: int = 64, double_quant: bool = False, kernel: str = "auto") -> NF4Tensor:
@@ -273,21 +278,21 @@ def quantize_nf4(w: torch.Tensor, blocksize: int = 64, double_quant: bool = Fals
     "triton" (the same bytes from one GPU kernel per quantization, `nanopeft.nf4_triton`), or "auto": Triton for a
     CUDA tensor where Triton is installed, else torch."""
     check_quantizable(w, blocksize, "w")
-    if _use_triton(kernel, w, quantize_kernel):
+    triton = _use_triton(kernel, w, quantize_kernel)
+    if triton:  # one kernel: absmax, scaling, rounding and packing
         packed, absmax = quantize_kernel(w, _midpoints_on("nf4", w.device), blocksize, pack=True)
-        q = NF4Tensor(packed, absmax, blocksize, w.shape, w.dtype)
-        if double_quant:
-            offset = absmax.mean()
-            codes, scale = quantize_kernel(absmax, _midpoints_on("dynamic", w.device), NF4Tensor.DQ_BLOCKSIZE,
-                                           pack=False, offset=offset)
-            q.absmax, q.absmax_scale, q.offset = codes, scale, offset
-        return q
-    indices, absmax = quantize_blockwise(w, _code_on("nf4", w.device), blocksize)  # (n,), (blocks,)
-    q = NF4Tensor(pack(indices), absmax, blocksize, w.shape, w.dtype)
+    else:
+        indices, absmax = quantize_blockwise(w, _code_on("nf4", w.device), blocksize)  # (n,), (blocks,)
+        packed = pack(indices)
+    q = NF4Tensor(packed, absmax, blocksize, w.shape, w.dtype)
     if double_quant:
         # absmax values are all positive and similar: centre them on their mean, then 8 bits in blocks of 256.
         offset = absmax.mean()
-        codes, scale = quantize_blockwise(absmax - offset, _code_on("dynamic", w.device), NF4Tensor.DQ_BLOCKSIZE)
+        if triton:
+            codes, scale = quantize_kernel(absmax, _midpoints_on("dynamic", w.device), NF4Tensor.DQ_BLOCKSIZE,
+                                           pack=False, offset=offset)
+        else:
+            codes, scale = quantize_blockwise(absmax - offset, _code_on("dynamic", w.device), NF4Tensor.DQ_BLOCKSIZE)
         q.absmax, q.absmax_scale, q.offset = codes.to(torch.uint8), scale, offset
     return q
 

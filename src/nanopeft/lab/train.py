@@ -16,6 +16,8 @@ range and needs none of this.
 """
 from __future__ import annotations
 
+import contextlib
+
 import random
 import time
 
@@ -191,12 +193,13 @@ def summarize(history: list) -> dict:
     }
 
 
-def forward_backward(model, batch: dict):
+def forward_backward(model, batch: dict, count_saved: bool = True):
     """One forward pass on the answer positions and one backward, as in `train`; returns (loss, the bytes autograd
-    saved for the backward: the activations, counted exactly by `memory.SavedTensors`)."""
-    with SavedTensors(model) as saved:
+    saved for the backward: the activations, counted exactly by `memory.SavedTensors`). count_saved=False skips the
+    counting (a Python call per saved tensor, which timed steps should not pay) and returns None for the bytes."""
+    with SavedTensors(model) if count_saved else contextlib.nullcontext() as saved:
         logits = model(input_ids=batch["input_ids"], attention_mask=batch["attention_mask"],
                        logits_to_keep=batch["keep"]).logits
         loss = answer_loss(logits, batch["labels"])
     loss.backward()
-    return loss.detach(), saved.nbytes
+    return loss.detach(), saved.nbytes if count_saved else None
