@@ -10,10 +10,38 @@ the row norm of W0 + s B A: the exact norm (peft's way) builds that (out, in) ma
 (`DoRALinear(norm="factored")`) gets the same norms from (out, r) and (r, r) products; `fused=True` also keeps
 only the layer's output for the backward instead of W0 x and B A x. Targets: on a GPU, factored
 DoRA / LoRA step time <= 1.15 and CUDA peak <= 1.10; on the CPU, factored no slower than exact (<= 1.0).
+Step times move by a few percent between runs, more than the norm costs; so the norms alone are timed too (all
+adapted layers, as one step computes them, interleaved): the only work in which exact and factored differ.
 """
+import statistics
+import time
+
 import torch
 
 from common import compare, nanopeft_model, parser, peft_model, ratio, setup
+
+
+def norms_alone(models: dict, names, device, repeats: int) -> None:
+    """Median time of one step's row norms (every DoRA layer's weight_norm(), as the forward computes them)."""
+    from nanopeft.dora import DoRALinear
+
+    layers = {name: [m for m in models[name].modules() if isinstance(m, DoRALinear)] for name in names}
+    times = {name: [] for name in names}
+    with torch.no_grad():
+        for _ in range(repeats + 1):  # interleaved; the first round is a warm-up
+            for name in names:
+                if device.type == "cuda":
+                    torch.cuda.synchronize(device)
+                start = time.perf_counter()
+                for layer in layers[name]:
+                    layer.weight_norm()
+                if device.type == "cuda":
+                    torch.cuda.synchronize(device)
+                times[name].append(time.perf_counter() - start)
+    med = {name: statistics.median(t[1:]) for name, t in times.items()}
+    a, b = names
+    print(f"the norms alone, {len(layers[a])} layers per step: " + ", ".join(f"{n} {med[n] * 1e3:.2f} ms" for n in names)
+          + f" -> {a.removeprefix('nanopeft DoRA, ')} / exact {med[a] / med[b]:.3f}")
 
 if __name__ == "__main__":
     p = parser(__doc__)
@@ -40,3 +68,4 @@ if __name__ == "__main__":
     ratio(results, "nanopeft DoRA, factored + fused", "nanopeft LoRA", target=1.15 if gpu else None,
           peak_target=1.10 if gpu else None)
     ratio(results, "nanopeft DoRA, factored + fused", "nanopeft DoRA", target=None if gpu else 1.0)
+    norms_alone(models, ["nanopeft DoRA, factored", "nanopeft DoRA"], device, 5 * args.repeats)

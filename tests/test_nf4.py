@@ -122,6 +122,20 @@ def test_unpack_inverts_pack_and_the_fast_dequantize_equals_the_plain_one(codes)
     assert torch.equal(dequantize_nf4(q), plain)
 
 
+@pytest.mark.parametrize("n", [63, 64, 65, 127, 128, 129, 4096 + 1, 3 * 64 * 256])
+@pytest.mark.parametrize("double_quant", [False, True])
+def test_dequantize_row_per_block_and_flat_gathers_agree_with_the_plain_one(n, double_quant):
+    # dequantize_nf4 gathers one row per block when the bytes split into whole blocks (63 and 64 values: 32 bytes,
+    # 63 with a padding nibble), else one flat row (65, 129, 4097); the plain path decodes code by code
+    w = torch.randn(n, generator=torch.Generator().manual_seed(n))
+    q = quantize_nf4(w, double_quant=double_quant)
+    plain = dequantize_blockwise(unpack(q.packed, q.numel), q.block_absmax(), nf4_code(), q.blocksize)
+    assert torch.equal(dequantize_nf4(q), plain)
+    packed, state = bnb_nf4(w, double_quant=double_quant)
+    if not double_quant:  # (double quant: bitsandbytes' CPU kernel may round an 8-bit absmax code differently)
+        assert torch.equal(dequantize_nf4(q), bnb_reference_dequantize(packed, state))
+
+
 def test_packing_puts_the_first_element_in_the_high_nibble():
     code = nf4_code()
     w = torch.tensor([code[15].item(), code[0].item(), code[7].item()])  # codes 15, 0, 7 (absmax 1)

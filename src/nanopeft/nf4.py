@@ -227,9 +227,8 @@ class NF4Tensor:
         if not self.double_quant:
             return self.absmax
         # absmax ~= dynamic[code] * scale of its block of 256 + offset
-        centred = dequantize_blockwise(self.absmax.long(), self.absmax_scale, _code_on("dynamic", self.packed.device),
-                                       self.DQ_BLOCKSIZE)
-        return centred + self.offset
+        centred = _code_on("dynamic", self.packed.device).index_select(0, self.absmax.int())  # (blocks,)
+        return scale_blocks_(centred, self.absmax_scale, self.DQ_BLOCKSIZE).add_(self.offset)
 
     def __repr__(self) -> str:
         dq = ", double_quant" if self.double_quant else ""
@@ -309,8 +308,13 @@ def dequantize_nf4(q: NF4Tensor, dtype: torch.dtype | None = None, kernel: str =
         device = q.packed.device
         return dequantize_kernel(q, _code_on("nf4", device), _code_on("dynamic", device), dtype or q.dtype)
     # the 256 x 2 table read as 256 eight-byte words: one gather fetches both values of a byte at once
-    words = _code_on("nf4-pairs", q.packed.device).view(torch.int64).view(-1)  # (256,)
-    values = words.index_select(0, q.packed.view(-1).int()).view(torch.float32)[: q.numel]  # (n,) high, low, ...
+    words = _code_on("nf4-pairs", q.packed.device).view(torch.int64).view(1, 256)
+    codes = q.packed.view(-1).long()
+    half = q.blocksize // 2  # bytes per block
+    # one row per block: torch.gather splits rows across CPU threads (a flat index_select runs on one thread)
+    codes = codes.view(-1, half) if codes.numel() % half == 0 else codes.view(1, -1)
+    values = torch.gather(words.expand(codes.shape[0], 256), 1, codes)  # (rows, bytes per row), 8-byte words
+    values = values.view(torch.float32).view(-1)[: q.numel]  # (n,) high, low, high, low, ...
     return scale_blocks_(values, q.block_absmax(), q.blocksize).view(q.shape).to(dtype or q.dtype)
 
 
