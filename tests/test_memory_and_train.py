@@ -186,3 +186,19 @@ def test_saved_tensors_counts_activations_not_parameters():
     with SavedTensors(layer) as saved:
         torch.relu(layer(x)).sum()  # linear saves x (and its weight: excluded), relu saves its output
     assert saved.nbytes == 8 * 64 * 4 + 8 * 32 * 4
+
+
+def test_saved_tensors_counts_the_peak_of_what_is_alive_once_each():
+    from nanopeft.lab.memory import SavedTensors
+
+    x = torch.randn(256, requires_grad=True)
+    with SavedTensors() as saved:
+        kept = x.exp()  # exp saves its output: 1 KiB, alive to the end
+        dropped = x.exp()  # another 1 KiB, freed with its graph on the next line
+        del dropped
+        later = x[:128].exp()  # 512 bytes, perhaps at the freed address: alive with `kept` only
+        again = kept.view(16, 16).exp()  # saves its output, a new 1 KiB storage
+        del later
+    # alive together: kept and dropped (2 KiB), then kept, later and again (2.5 KiB); never all four
+    assert saved.nbytes == 1024 + 512 + 1024
+    assert again.requires_grad and kept.requires_grad

@@ -102,7 +102,7 @@ class DoRALinear(LoRALinear):
                  peft); "factored" gets the same norms from (out, r) and (r, r) products (equal within float
                  rounding; no (out, in) matrix from A and B, though a half-precision or 4-bit W0 is still cast
                  or dequantized to float32 each step; on our CPU the norms alone took 0.38x the exact ones' time,
-                 about 1% of a step, and on an H100 the step time did not change).
+                 saving about 1% of a step; on an H100 the step time did not change).
     fused:       False: autograd keeps W0 x and B A x for the backward, as in peft (bit for bit equal to peft).
                  True: one autograd step keeps only the output (module docstring); the same outputs as with
                  fused=False, gradients equal within float rounding, one (tokens, out) tensor less per layer.

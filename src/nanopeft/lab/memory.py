@@ -13,8 +13,10 @@ and the allocator's caches, and report it as what it is: an upper bound, never t
 """
 from __future__ import annotations
 
+import functools
 import os
 import threading
+import weakref
 
 import torch
 
@@ -59,23 +61,40 @@ class SavedTensors:
 
         with SavedTensors(model) as saved:
             loss = model(ids).logits.sum()
-        saved.nbytes        # each saved storage counted once; `model`'s own parameters excluded
+        saved.nbytes        # the most bytes of saved tensors alive at one time; `model`'s parameters excluded
 
-    Works on every device (it hooks autograd, not the allocator). It counts what is saved when the forward runs,
-    including tensors of graph branches that are freed before the backward, so it is an upper bound on what the
-    backward pass finally keeps.
+    Works on every device (it hooks autograd, not the allocator). Each saved storage is counted once, from when it
+    is saved until it is freed (a weak reference says when): a branch of the graph dropped during the forward (peft's
+    DoRA builds B A with autograd for its norm, then detaches the norm) stops counting when it is freed, and its
+    address, which the allocator hands to the next tensor, then names a new storage. At the end of a forward pass
+    `nbytes` is what the backward pass starts with.
     """
 
     def __init__(self, model=None):
         self.exclude = {p.untyped_storage().data_ptr() for p in model.parameters()} if model is not None else set()
-        self.storages = {}
-        self._hooks = torch.autograd.graph.saved_tensors_hooks(self._pack, lambda t: t)
+        self.nbytes = 0  # the peak of `_alive_bytes`
+        self._alive = {}  # data_ptr -> weak reference to the saved storage there
+        self._alive_bytes = 0
+        self._lock = threading.RLock()  # a storage may be freed on autograd's own thread (CUDA backward)
+        self._hooks = torch.autograd.graph.saved_tensors_hooks(self._pack, lambda t: t)  # unpack: the same tensor
 
     def _pack(self, t):
-        ptr = t.untyped_storage().data_ptr()
-        if ptr not in self.exclude:
-            self.storages[ptr] = t.untyped_storage().nbytes()
-        return t
+        storage = t.untyped_storage()
+        ptr = storage.data_ptr()
+        with self._lock:
+            counted = self._alive.get(ptr)
+            if ptr not in self.exclude and (counted is None or counted() is not storage):
+                size = storage.nbytes()
+                self._alive[ptr] = weakref.ref(storage, functools.partial(self._freed, ptr, size))
+                self._alive_bytes += size
+                self.nbytes = max(self.nbytes, self._alive_bytes)
+        return t.detach()  # not t: a saved output would hold its own graph node, a cycle that is never freed
+
+    def _freed(self, ptr, size, ref):
+        with self._lock:
+            self._alive_bytes -= size
+            if self._alive.get(ptr) is ref:
+                del self._alive[ptr]
 
     def __enter__(self):
         self._hooks.__enter__()
@@ -84,10 +103,6 @@ class SavedTensors:
     def __exit__(self, *exc):
         self._hooks.__exit__(*exc)
         return False
-
-    @property
-    def nbytes(self) -> int:
-        return sum(self.storages.values())
 
 
 def process_rss() -> int:
