@@ -131,8 +131,8 @@ def throughput(model, device, repeats, compile_):
 
 
 def flat_dequantize(q):
-    """`dequantize_nf4` as it was before its lookup became a `torch.gather` of one row per block: one flat
-    `index_select` of the whole packed weight, which PyTorch runs on one thread."""
+    """`dequantize_nf4` with the previous round's lookup (this round's absmax decoding): one flat `index_select` of
+    the whole packed weight, which PyTorch runs on one thread, instead of a `torch.gather` of one row per block."""
     from nanopeft.nf4 import _code_on, scale_blocks_
 
     words = _code_on("nf4-pairs", q.packed.device).view(torch.int64).view(-1)  # (256,)
@@ -141,7 +141,7 @@ def flat_dequantize(q):
 
 
 def gather_floor(model, device, repeats):
-    """Why the CPU dequantize stays above 2x bitsandbytes' C kernel: on the largest matrix, the gather alone (what
+    """How close a PyTorch gather gets to bitsandbytes' C kernel on the CPU: on the largest matrix, the gather alone (what
     ours does: `torch.gather` of the 256-entry table of value pairs, one row of 32 bytes per block, split across the
     CPU threads) against bitsandbytes' whole dequantize (its kernel is split across the threads too), and three
     other arrangements: the flat `index_select` of the last round (one thread), a 65,536-entry table (one gather

@@ -101,7 +101,7 @@ class DoRALinear(LoRALinear):
     norm:        "exact" builds W0 + s B A (out, in) to take its row norms, as peft does (bit for bit equal to
                  peft); "factored" gets the same norms from (out, r) and (r, r) products (equal within float
                  rounding; no (out, in) matrix from A and B, though a half-precision or 4-bit W0 is still cast
-                 or dequantized to float32 each step; on our CPU the norms alone took 0.38x the exact ones' time,
+                 or dequantized to float32 each step; on our CPU the norms alone took 0.37x-0.38x the exact ones',
                  saving about 1% of a step; on an H100 the step time did not change).
     fused:       False: autograd keeps W0 x and B A x for the backward, as in peft (bit for bit equal to peft).
                  True: one autograd step keeps only the output (module docstring); the same outputs as with

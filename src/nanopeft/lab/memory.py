@@ -64,10 +64,11 @@ class SavedTensors:
         saved.nbytes        # the most bytes of saved tensors alive at one time; `model`'s parameters excluded
 
     Works on every device (it hooks autograd, not the allocator). Each saved storage is counted once, from when it
-    is saved until it is freed (a weak reference says when): a branch of the graph dropped during the forward (peft's
-    DoRA builds B A with autograd for its norm, then detaches the norm) stops counting when it is freed, and its
-    address, which the allocator hands to the next tensor, then names a new storage. At the end of a forward pass
-    `nbytes` is what the backward pass starts with.
+    is saved until it is freed (a weak reference says when). A branch of the graph dropped during the forward (peft's
+    DoRA builds B A with autograd but uses only its detached value for the norm, so that graph is freed when the
+    layer returns) stops counting when it is freed; if the allocator gives its address to a later saved tensor, that
+    one counts as a new storage. `nbytes` is the peak: it equals what the backward pass starts with when the peak
+    falls at the end of the forward, as in a training step, where the loss's tensors are saved last.
     """
 
     def __init__(self, model=None):
