@@ -282,20 +282,30 @@ def factored_pair(base, targets="all-linear", seed=0):
     return dora_pair(base, {}, {"norm": "factored"}, targets, seed)
 
 
-def assert_factored_matches(exact, factored, ids, tol=1e-5):
-    for a, b in zip(adapter_layers(exact).values(), adapter_layers(factored).values()):
-        with torch.no_grad():
-            assert relative(b.weight_norm(), a.weight_norm()) <= tol
+def logits_after_backward(models, ids):
+    """Each model's logits in training mode, after a backward of their mean square (the gradients stay in place)."""
     outs = []
-    for model in (exact, factored):
+    for model in models:
         model.train()
         out = model(input_ids=ids).logits
         out.pow(2).mean().backward()
         outs.append(out.detach())
-    assert relative(outs[1], outs[0]) <= tol
-    for a, b in zip(adapter_layers(exact).values(), adapter_layers(factored).values()):
+    return outs
+
+
+def assert_adapter_grads_close(model_a, model_b, tol):
+    for a, b in zip(adapter_layers(model_a).values(), adapter_layers(model_b).values()):
         for name in ("lora_A", "lora_B", "magnitude"):
             assert relative(getattr(b, name).grad, getattr(a, name).grad) <= tol, name
+
+
+def assert_factored_matches(exact, factored, ids, tol=1e-5):
+    for a, b in zip(adapter_layers(exact).values(), adapter_layers(factored).values()):
+        with torch.no_grad():
+            assert relative(b.weight_norm(), a.weight_norm()) <= tol
+    outs = logits_after_backward((exact, factored), ids)
+    assert relative(outs[1], outs[0]) <= tol
+    assert_adapter_grads_close(exact, factored, tol)
 
 
 @pytest.mark.parametrize("make", [tiny_llama, tiny_qwen2], ids=["llama", "qwen2-biases"])
@@ -360,16 +370,9 @@ def fused_pair(base, norm="exact", dropout=0.0):
 def test_fused_backward_gives_the_same_outputs_and_gradients_within_rounding(make):
     plain, fused = fused_pair(make())
     ids = torch.randint(0, 256, (2, 16), generator=torch.Generator().manual_seed(0))
-    outs = []
-    for model in (plain, fused):
-        model.train()
-        out = model(input_ids=ids).logits
-        out.pow(2).mean().backward()
-        outs.append(out.detach())
+    outs = logits_after_backward((plain, fused), ids)
     assert torch.equal(outs[0], outs[1])  # the forward is peft's, operation for operation
-    for a, b in zip(adapter_layers(plain).values(), adapter_layers(fused).values()):
-        for name in ("lora_A", "lora_B", "magnitude"):
-            assert relative(getattr(b, name).grad, getattr(a, name).grad) <= 1e-5, name
+    assert_adapter_grads_close(plain, fused, 1e-5)
 
 
 def test_fused_backward_equals_autograd_in_float64():

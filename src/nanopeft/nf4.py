@@ -146,7 +146,7 @@ def nearest_level(values: torch.Tensor, code: torch.Tensor) -> torch.Tensor:
 
 def dequantize_blockwise(indices: torch.Tensor, absmax: torch.Tensor, code: torch.Tensor, blocksize: int):
     """code[index] * absmax of its block, float32, flat (n,)."""
-    return scale_blocks_(code[indices], absmax, blocksize)
+    return scale_blocks_(code.index_select(0, indices.view(-1)), absmax, blocksize)  # (n,)
 
 
 def scale_blocks_(values: torch.Tensor, absmax: torch.Tensor, blocksize: int) -> torch.Tensor:
@@ -227,8 +227,9 @@ class NF4Tensor:
         if not self.double_quant:
             return self.absmax
         # absmax ~= dynamic[code] * scale of its block of 256 + offset
-        centred = _code_on("dynamic", self.packed.device).index_select(0, self.absmax.int())  # (blocks,)
-        return scale_blocks_(centred, self.absmax_scale, self.DQ_BLOCKSIZE).add_(self.offset)
+        centred = dequantize_blockwise(self.absmax.int(), self.absmax_scale, _code_on("dynamic", self.packed.device),
+                                       self.DQ_BLOCKSIZE)
+        return centred.add_(self.offset)
 
     def __repr__(self) -> str:
         dq = ", double_quant" if self.double_quant else ""
