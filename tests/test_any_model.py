@@ -17,7 +17,7 @@ from transformers.pytorch_utils import Conv1D
 
 from nanopeft import (adapter_layers, add_adapters, load_adapter, merge_adapters, remove_adapters, save_adapter,
                       trainable_parameters)
-from nanopeft.adapters import modules_to_save
+from nanopeft.targets import modules_to_save
 from nanopeft.lab.models import tiny_model
 from nanopeft.lab.twins import compare_with_peft, output_of, peft_twin
 

@@ -144,7 +144,7 @@ def test_magnitudes_with_use_dora_false_are_an_error(tmp_path):
     config["use_dora"] = False
     (tmp_path / "adapter_config.json").write_text(json.dumps(config))
     model = tiny_llama()
-    with pytest.raises(ValueError, match="holds DoRA magnitudes"):
+    with pytest.raises(ValueError, match="a weight of method 'dora', but adapter_config.json selects 'lora'"):
         load_adapter(model, tmp_path)
     assert not adapter_layers(model)
 
@@ -438,7 +438,7 @@ def test_fused_backward_with_dropout_falls_back_to_the_plain_path():
 def test_fused_needs_a_detached_norm_and_dora():
     with pytest.raises(ValueError, match="detach_norm=True"):
         add_adapters(tiny_llama(), method="dora", fused=True, detach_norm=False)
-    with pytest.raises(ValueError, match="DoRA's options"):
+    with pytest.raises(TypeError, match="fused .an option of method 'dora'."):
         add_adapters(tiny_llama(), method="lora", fused=True)
 
 

@@ -225,7 +225,7 @@ def assert_unchanged(model, snap):
     (dict(use_dora=True), "use_dora .peft's name"),
     (dict(bias="all"), "unknown keyword.*bias"),
     (dict(modules_to_save=["nonexistent"]), "modules_to_save names 'nonexistent'"),
-    (dict(detach_norm=False), "DoRA's options"),
+    (dict(detach_norm=False), "an option of method 'dora'"),
     (dict(layers_to_transform=[7]), r"No target lies in layers \[7\]"),
     (dict(layers_to_transform=["0"]), "layers_to_transform must be a list of layer indices"),
 ])

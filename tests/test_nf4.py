@@ -13,9 +13,9 @@ from torch import nn
 
 from nanopeft import add_adapters, adapter_layers, merge_adapters, remove_adapters
 from nanopeft.lab.models import tiny_llama
-from nanopeft.nf4 import (LinearNF4, NF4Tensor, dequantize_blockwise, dequantize_nf4, dynamic_code, fp4_code,
-                          nf4_code, pack, quantize_nf4, unpack)
-from nanopeft.qlora import merge_quantized, prepare_for_kbit_training, quantize_model
+from nanopeft.lab.codes import fp4_code
+from nanopeft.nf4 import NF4Tensor, dequantize_blockwise, dequantize_nf4, dynamic_code, nf4_code, pack, quantize_nf4, unpack
+from nanopeft.qlora import LinearNF4, merge_quantized, prepare_for_kbit_training, quantize_model
 from nanopeft.lab.twins import compare_with_peft, copy_bnb_state, nf4_from_bnb, peft_twin, quantized_bases
 
 CPU = torch.device("cpu")

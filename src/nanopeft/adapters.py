@@ -1,11 +1,10 @@
-"""Model surgery shared by every method: put adapter layers into a model, take them out, count what trains.
+"""Model surgery shared by every method, and the table of methods: put adapter layers into a model, take them out.
 
     add_adapters(model, method="lora", r=8, alpha=16, targets=["q_proj", "v_proj"])
         replaces each target layer in place by an adapter layer wrapping it, and freezes everything else;
     add_adapters(model, LoraConfig(...))  the same from a peft config, so that one config drives both libraries;
     merge_adapters / unmerge_adapters     fold the updates into the base weights and back;
-    remove_adapters(model, merge=False)   gives back the plain model (with the updates folded in if merge=True);
-    trainable_parameters(model)           counts, as peft's `print_trainable_parameters` does, plus a table.
+    remove_adapters(model, merge=False)   gives back the plain model (with the updates folded in if merge=True).
 
 Targets follow peft's rules: a list of names matches a module whose path is the name or ends in "." + name
 ("q_proj" matches "model.layers.0.self_attn.q_proj"); a single string other than "all-linear" is a regular
@@ -16,7 +15,6 @@ weights and its requires_grad flags as they were.
 """
 from __future__ import annotations
 
-import copy
 import dataclasses
 from dataclasses import dataclass
 
@@ -24,24 +22,53 @@ from torch import nn
 
 from .dora import DoRALinear
 from .lora import LoRALinear, check_hyperparameters
-from .targets import CLASSIFIER_HEADS, find_targets, saved_paths
+from .pissa import PiSSALinear
+from .targets import CLASSIFIER_HEADS, ModuleToSave, find_targets, modules_to_save, saved_paths
+
+# ------------------------------------------------------------------------------------------------- the methods
+# Every method nanopeft has, by name: its adapter layer class. The class says what the rest of the package reads
+# (its name and title, how peft's LoraConfig selects it, the tensors it adds and their names in a peft file, its
+# Options dataclass, what it is tested against: see the top of LoRALinear). To add a method, write its class and add
+# it here (README, "Adding a method"); tests/test_methods.py then checks it against its reference.
+METHODS = {cls.name: cls for cls in (LoRALinear, DoRALinear, PiSSALinear)}
+
+
+def method_class(name: str) -> type:
+    """The adapter layer class of method `name`, or a ValueError listing the methods there are."""
+    if name not in METHODS:
+        raise ValueError(f"Unknown method {name!r}; choose one of {sorted(METHODS)}.")
+    return METHODS[name]
+
+
+def method_from_peft(config) -> str:
+    """The method a peft LoraConfig (or its JSON as a dict) selects, by the fields in each class's `peft_config`; a
+    field missing from the file has peft's default (LoRA's value)."""
+    get = config.get if isinstance(config, dict) else lambda k, d=None: getattr(config, k, d)
+    found = [n for n, cls in METHODS.items()
+             if all(get(k, LoRALinear.peft_config[k]) == v for k, v in cls.peft_config.items())]
+    if len(found) != 1:
+        said = ", ".join(f"{k}={get(k, v)!r}" for k, v in LoRALinear.peft_config.items())
+        known = "; ".join(f"{n}: " + ", ".join(f"{k}={v!r}" for k, v in c.peft_config.items()) for n, c in METHODS.items())
+        raise ValueError(f"No nanopeft method is selected by {said}. nanopeft's methods are selected by {known}.")
+    return found[0]
+
 
 @dataclass(frozen=True)
 class AdapterConfig:
     """Everything `add_adapters` needs, checked. Field names are ours; `from_peft_config` maps peft's onto them."""
 
-    method: str = "lora"  # "lora" or "dora"
+    method: str = "lora"  # a name in METHODS: "lora", "dora", "pissa"
     r: int = 8  # the rank of B A
     alpha: float = 16  # the update is scaled by alpha / r (rsLoRA: alpha / sqrt(r))
     targets: object = ("q_proj", "v_proj")  # names (a path or its last parts), a regex string, or "all-linear"
-    dropout: float = 0.0  # on the LoRA branch's input only
-    rslora: bool = False  # scale by alpha / sqrt(r) instead of alpha / r
+    options: object = None  # the method's own options (its class's Options: dropout, rslora, DoRA's norm...); None: defaults
     modules_to_save: object = "auto"  # modules trained fully and saved with the adapter; "auto": a classifier's head
     layers_to_transform: tuple | None = None  # only targets in these layer indices (peft's layers_to_transform)
     layers_pattern: str | None = None  # the name of the list of layers ("layers", "h", "block"); None: any
-    detach_norm: bool = True  # DoRA only: the norm is a constant for autograd (paper, section 4.3)
-    norm: str = "exact"  # DoRA only: "exact" (peft's way) or "factored" (from small products)
-    fused: bool = False  # DoRA only: the backward keeps only the output (dora.py; gradients equal within rounding)
+
+    def __post_init__(self):
+        if self.options is None and self.method in METHODS:
+            object.__setattr__(self, "options", METHODS[self.method].Options())
 
 
 def adapter_layers(model: nn.Module) -> dict:
@@ -58,19 +85,12 @@ def set_module(model: nn.Module, path: str, new: nn.Module) -> None:
 # --------------------------------------------------------------------------------------------------- the config
 def check_config(model: nn.Module, c: AdapterConfig) -> tuple:
     """Check every field against the model; returns (target paths, paths of modules to save). Changes nothing."""
-    layer_class = {"lora": LoRALinear, "dora": DoRALinear}.get(c.method)
-    if layer_class is None:
-        raise ValueError(f"Unknown method {c.method!r}; choose 'lora' or 'dora'.")
+    cls = method_class(c.method)
+    if type(c.options) is not cls.Options:
+        raise TypeError(f"Method {c.method!r} takes {cls.Options.__name__}, got {type(c.options).__name__}.")
+    c.options.check()
     if adapter_layers(model):
         raise ValueError("This model already has adapters: call remove_adapters(model) before adding new ones.")
-    if not isinstance(c.rslora, bool):
-        raise ValueError(f"rslora must be True or False, got {c.rslora!r}.")
-    if c.method == "lora" and (c.detach_norm is not True or c.norm != "exact" or c.fused is not False):
-        raise ValueError("detach_norm, norm and fused are DoRA's options; they mean nothing for method='lora'.")
-    if c.fused and not c.detach_norm:
-        raise ValueError("fused=True treats DoRA's norm as a constant for autograd; it needs detach_norm=True.")
-    if c.norm not in ("exact", "factored"):
-        raise ValueError(f"norm must be 'exact' or 'factored', got {c.norm!r}.")
     if c.layers_to_transform is not None and (
             isinstance(c.layers_to_transform, (str, bool)) or
             not all(isinstance(i, int) and not isinstance(i, bool) and i >= 0 for i in c.layers_to_transform)):
@@ -87,52 +107,65 @@ def check_config(model: nn.Module, c: AdapterConfig) -> tuple:
             if not saved_paths(model, [name]):
                 raise ValueError(f"modules_to_save names {name!r}, which matches no module of {type(model).__name__}.")
         saved = saved_paths(model, names)
-    check_hyperparameters(c.r, c.alpha, c.dropout)
-    return find_targets(model, c.targets, c.layers_to_transform, c.layers_pattern, skip=saved), saved
+    check_hyperparameters(c.r, c.alpha)
+    targets = find_targets(model, c.targets, c.layers_to_transform, c.layers_pattern, skip=saved)
+    modules = dict(model.named_modules())
+    for name in targets:
+        cls.check_base(modules[name], c.r)
+    return targets, saved
 
 
 def config_from(method="lora", **fields) -> AdapterConfig:
-    """An AdapterConfig from keywords, with a clear error for a keyword we do not have (and peft's name for it)."""
-    known = {f.name for f in dataclasses.fields(AdapterConfig)}
-    unknown = sorted(set(fields) - known)
+    """An AdapterConfig from keywords (the method's options among them), with a clear error for a keyword the method
+    does not have: another method's option, or peft's name for one of ours."""
+    cls = method_class(method)
+    common = {f.name for f in dataclasses.fields(AdapterConfig)} - {"method", "options"}
+    own = {f.name for f in dataclasses.fields(cls.Options)}
+    unknown = sorted(set(fields) - common - own)
     if unknown:
+        owners = {f.name: n for n, c in METHODS.items() for f in dataclasses.fields(c.Options) if f.name not in own}
         ours = {"target_modules": "targets", "lora_alpha": "alpha", "lora_dropout": "dropout", "use_rslora": "rslora",
-                "use_dora": "method='dora'"}
-        hints = [f"{k} (peft's name; nanopeft calls it {ours[k]})" if k in ours else k for k in unknown]
-        raise TypeError(f"add_adapters got unknown keyword(s): {', '.join(hints)}. Its keywords are {sorted(known)}; "
-                        f"or pass a peft LoraConfig as the second argument.")
-    return AdapterConfig(method=method, **fields)
+                "use_dora": "method='dora'", "init_lora_weights": "method='pissa' for 'pissa'"}
+        hints = [f"{k} (an option of method {owners[k]!r})" if k in owners else
+                 f"{k} (peft's name; nanopeft calls it {ours[k]})" if k in ours else k for k in unknown]
+        raise TypeError(f"add_adapters(method={method!r}) got unknown keyword(s): {', '.join(hints)}. Its keywords "
+                        f"are {sorted(common | own)}; or pass a peft LoraConfig as the second argument.")
+    options = cls.Options(**{k: v for k, v in fields.items() if k in own})
+    return AdapterConfig(method=method, options=options, **{k: v for k, v in fields.items() if k in common})
 
 
-# peft LoraConfig fields and what we do with them. Fields not listed here must keep peft's default value.
-PEFT_FIELDS = {"r": "r", "lora_alpha": "alpha", "target_modules": "targets", "lora_dropout": "dropout",
-               "use_rslora": "rslora", "modules_to_save": "modules_to_save",
+# peft LoraConfig fields and what we do with them. Fields not listed here, nor in a method's `peft_config` or
+# Options, must keep peft's default value.
+PEFT_FIELDS = {"r": "r", "lora_alpha": "alpha", "target_modules": "targets", "modules_to_save": "modules_to_save",
                "layers_to_transform": "layers_to_transform", "layers_pattern": "layers_pattern"}
-PEFT_IGNORED = {"peft_type", "task_type", "base_model_name_or_path", "revision", "inference_mode", "use_dora",
+PEFT_IGNORED = {"peft_type", "task_type", "base_model_name_or_path", "revision", "inference_mode",
                 "fan_in_fan_out", "auto_mapping"}  # read below, or bookkeeping that does not change the layers
 
 
+def peft_options(cls) -> dict:
+    """{peft's LoraConfig field: our option name} for a method's Options (the fields whose metadata names peft's)."""
+    return {f.metadata["peft"]: f.name for f in dataclasses.fields(cls.Options) if "peft" in f.metadata}
+
+
 def from_peft_config(config, model: nn.Module | None = None) -> AdapterConfig:
-    """Map a peft `LoraConfig` onto an AdapterConfig, one field to one field. A field we do not implement (e.g.
-    rank_pattern, bias, init_lora_weights other than True) is refused by name if it differs from peft's default.
+    """Map a peft `LoraConfig` onto an AdapterConfig, one field to one field; its method from `method_from_peft`. A
+    field we do not implement (e.g. rank_pattern, bias) is refused by name if it differs from peft's default.
 
     fan_in_fan_out needs no setting here: each layer's layout is read from the layer (peft also corrects it per
     layer, with a warning). task_type "SEQ_CLS" trains the classifier head fully, as peft does."""
     defaults = type(config)()
-    refused = []
-    for field in dataclasses.fields(config):
-        name = field.name
-        if name in PEFT_FIELDS or name in PEFT_IGNORED:
-            continue
-        if getattr(config, name) != getattr(defaults, name):
-            refused.append(f"{name}={getattr(config, name)!r}")
+    cls = METHODS[method_from_peft(config)]
+    mapped = set(PEFT_FIELDS) | PEFT_IGNORED | set(LoRALinear.peft_config) | set(peft_options(cls))
+    refused = [f"{f.name}={getattr(config, f.name)!r}" for f in dataclasses.fields(config)
+               if f.name not in mapped and getattr(config, f.name) != getattr(defaults, f.name)]
     if getattr(config, "peft_type", "LORA") not in ("LORA", getattr(defaults, "peft_type", "LORA")):
         refused.append(f"peft_type={config.peft_type!r}")
     if getattr(config, "inference_mode", False):
         refused.append("inference_mode=True (nanopeft's adapters always train; freeze them yourself)")
     if refused:
         raise ValueError(f"This LoraConfig sets field(s) nanopeft does not implement: {', '.join(refused)}. "
-                         f"nanopeft maps {sorted(PEFT_FIELDS)}, use_dora and fan_in_fan_out.")
+                         f"nanopeft maps {sorted(set(PEFT_FIELDS) | set(peft_options(cls)))}, fan_in_fan_out and "
+                         f"the fields that choose a method ({sorted(LoRALinear.peft_config)}).")
     targets = config.target_modules
     if targets is None:
         raise ValueError("The LoraConfig has no target_modules (peft would pick defaults per model type): name them.")
@@ -142,49 +175,27 @@ def from_peft_config(config, model: nn.Module | None = None) -> AdapterConfig:
     saved = list(config.modules_to_save or [])
     if task.endswith("SEQ_CLS") and model is not None:  # peft adds its head names; only those the model has count
         saved += [n for n in CLASSIFIER_HEADS if saved_paths(model, [n]) and n not in saved]
-    layers = config.layers_to_transform
+    layers, pattern = config.layers_to_transform, config.layers_pattern
+    if not isinstance(pattern, (str, type(None))):
+        if len(pattern) != 1:
+            raise ValueError(f"nanopeft takes one layers_pattern, got {list(pattern)}.")
+        pattern = pattern[0]
+    options = cls.Options(**{ours: getattr(config, theirs) for theirs, ours in peft_options(cls).items()})
     return AdapterConfig(
-        method="dora" if config.use_dora else "lora", r=config.r, alpha=config.lora_alpha, targets=targets,
-        dropout=config.lora_dropout, rslora=config.use_rslora, modules_to_save=saved,
-        layers_to_transform=None if layers is None else tuple([layers] if isinstance(layers, int) else layers),
-        layers_pattern=config.layers_pattern if isinstance(config.layers_pattern, (str, type(None)))
-        else _one_pattern(config.layers_pattern))
-
-
-def _one_pattern(patterns):
-    if len(patterns) != 1:
-        raise ValueError(f"nanopeft takes one layers_pattern, got {list(patterns)}.")
-    return patterns[0]
+        method=cls.name, r=config.r, alpha=config.lora_alpha, targets=targets, options=options,
+        modules_to_save=saved, layers_pattern=pattern,
+        layers_to_transform=None if layers is None else tuple([layers] if isinstance(layers, int) else layers))
 
 
 # ----------------------------------------------------------------------------------------------- add and remove
-class ModuleToSave(nn.Module):
-    """A module trained fully beside the adapters (peft's `modules_to_save`): a trainable copy does the work, and
-    the original stays untouched so that `remove_adapters(model)` can give it back. Attributes a model reads
-    (`weight`, `out_features`, ...) come from the trained copy."""
-
-    def __init__(self, module: nn.Module):
-        super().__init__()
-        self.original_module = module
-        self.trained = copy.deepcopy(module).requires_grad_(True)
-
-    def forward(self, *args, **kwargs):
-        return self.trained(*args, **kwargs)
-
-    def __getattr__(self, name):
-        try:
-            return super().__getattr__(name)
-        except AttributeError:
-            return getattr(super().__getattr__("trained"), name)
-
-
 def add_adapters(model: nn.Module, method="lora", **fields) -> nn.Module:
     """Wrap every target layer of `model` in an adapter layer and freeze all else; returns `model`.
 
-    method: "lora" or "dora" (on a model quantized with `nanopeft.qlora.quantize_model` this is QLoRA or QDoRA:
-            the adapters wrap the LinearNF4 layers); or a peft `LoraConfig`, whose fields then set everything.
-    fields: those of `AdapterConfig` -- r, alpha, targets, dropout, rslora, modules_to_save, layers_to_transform,
-            layers_pattern, and DoRA's detach_norm, norm and fused.
+    method: a name in METHODS, "lora", "dora" or "pissa" (on a model quantized with `nanopeft.qlora.quantize_model`,
+            "lora" and "dora" are QLoRA and QDoRA: the adapters wrap the LinearNF4 layers); an AdapterConfig; or a
+            peft `LoraConfig`, whose fields then set everything.
+    fields: those of `AdapterConfig` -- r, alpha, targets, modules_to_save, layers_to_transform, layers_pattern --
+            and the method's options (its Options: dropout, rslora; DoRA's detach_norm, norm and fused).
     """
     if isinstance(method, str):
         config = config_from(method, **fields)
@@ -195,13 +206,12 @@ def add_adapters(model: nn.Module, method="lora", **fields) -> nn.Module:
     elif isinstance(method, AdapterConfig):
         config = dataclasses.replace(method, **fields)
     else:
-        raise TypeError(f"method must be 'lora', 'dora', an AdapterConfig or a peft LoraConfig, got {method!r}.")
+        raise TypeError(f"method must be a name in {sorted(METHODS)}, an AdapterConfig or a peft LoraConfig, "
+                        f"got {method!r}.")
     names, saved = check_config(model, config)
 
-    layer_class = {"lora": LoRALinear, "dora": DoRALinear}[config.method]
-    options = {"dropout": config.dropout, "rslora": config.rslora}
-    if config.method == "dora":
-        options.update(detach_norm=config.detach_norm, norm=config.norm, fused=config.fused)
+    layer_class = METHODS[config.method]
+    options = dataclasses.asdict(config.options)
     flags = {n: p.requires_grad for n, p in model.named_parameters()}
     modules = dict(model.named_modules())
     placed = []
@@ -232,11 +242,6 @@ def add_adapters(model: nn.Module, method="lora", **fields) -> nn.Module:
 
 def _keeps_the_fused_path_off(module, args):
     return None  # does nothing; its presence is what matters (see add_adapters)
-
-
-def modules_to_save(model: nn.Module) -> dict:
-    """{module path: ModuleToSave} for every module trained fully beside the adapters."""
-    return {name: m for name, m in model.named_modules() if isinstance(m, ModuleToSave)}
 
 
 def _layers_or_raise(model) -> dict:
@@ -285,9 +290,7 @@ def remove_adapters(model: nn.Module, merge: bool = False) -> nn.Module:
     for name, layer in layers.items():
         if merge and not layer.merged:
             layer.merge()
-        elif not merge and layer.merged:
-            layer.unmerge()
-        set_module(model, name, layer.base_layer)
+        set_module(model, name, layer.base_layer if merge else layer.restore_base())
     for name, wrapper in modules_to_save(model).items():
         set_module(model, name, wrapper.trained if merge else wrapper.original_module)
     flags = getattr(model, "_nanopeft_requires_grad", {})
@@ -296,30 +299,3 @@ def remove_adapters(model: nn.Module, merge: bool = False) -> nn.Module:
     if hasattr(model, "_nanopeft_requires_grad"):
         del model._nanopeft_requires_grad
     return model
-
-
-@dataclass
-class ParameterCount:
-    trainable: int
-    total: int
-    table: list  # (module path, parameter name, shape, count) for each trainable tensor
-
-    @property
-    def percent(self) -> float:
-        return 100.0 * self.trainable / self.total
-
-    def __str__(self) -> str:
-        return f"trainable params: {self.trainable:,} || all params: {self.total:,} || trainable%: {self.percent:.4f}"
-
-
-def trainable_parameters(model: nn.Module) -> ParameterCount:
-    """Trainable and total parameter counts (shared tensors counted once) and a per-tensor table."""
-    trainable = total = 0
-    table = []
-    for name, p in model.named_parameters():  # named_parameters() already skips tied duplicates
-        total += p.numel()
-        if p.requires_grad:
-            trainable += p.numel()
-            module, _, pname = name.rpartition(".")
-            table.append((module, pname, tuple(p.shape), p.numel()))
-    return ParameterCount(trainable, total, table)

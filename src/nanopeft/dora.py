@@ -5,7 +5,7 @@ Write each row of a weight (one output neuron) as a length times a direction, an
     W' = m * (W0 + s B A) / ||W0 + s B A||          m: (out,), the norm taken per output row
 
 The direction is LoRA's W0 + s B A, normalised row by row; the magnitude m is a trainable vector, initialised to
-the row norms of W0 so that at step 0 W' = W0 exactly. (The paper writes weights as (in, out) and so calls this a
+the row norms of W0 so that at step 0 W' = W0 (B = 0). (The paper writes weights as (in, out) and so calls this a
 "column" norm; on PyTorch's (out, in) weights it is the norm of each row.)
 
 The norm ||W0 + s B A|| is treated as a constant in the backward pass (`detach_norm=True`, the paper's section 4.3):
@@ -16,81 +16,39 @@ As in peft, the layer never builds W' for the forward pass. Since W' x = (m / n)
     h = W0 x + b + (m / n - 1) * W0 x + (m / n) * s * B A x
 
 which reuses the base output W0 x + b (bias removed) when there is no dropout; with dropout, W0 is applied again
-to the dropped input, as peft does.
-
-The row norms themselves need no (out, in) matrix either (`norm="factored"`): expanding the square,
-
-    ||W0 + s B A||^2 = ||W0||^2 + 2 s rowsum(B * (W0 A^T)) + s^2 rowsum((B (A A^T)) * B)
-
-where ||W0||^2 is fixed (W0 is frozen), W0 A^T is (out, r) and A A^T is (r, r). `norm="exact"` (the default, and
-peft's way) builds W0 + s B A and takes its norms; the two agree to float rounding.
-
-The backward pass of the combination above keeps W0 x and B A x, two (tokens, out) tensors per layer, for m's
-gradient. One is enough, and it can be the output h itself (`fused=True`). Write n = ||W0 + s B A|| (out,), a
-constant for autograd (detach_norm), g = m / n (out,), b the bias; all broadcast over tokens, and for each output i:
-
-    h - b = g * (W0 x + s B A x)     so     dh_i/dm_i = (W0 x + s B A x)_i / n_i = (h - b)_i / m_i
-
-and the backward needs only h, m, n and b:
-
-    dL/d(W0 x + b) = g * dL/dh      dL/d(B A x) = g * s * dL/dh      dL/dm = sum over tokens of dL/dh * (h - b) / m
-
-(a trainable b also gets (1 - g) * dL/dh through the "- b", so dL/dh in all).
-
-That costs one (tokens, out) tensor per layer instead of two; the gradients equal the unfused ones within the
-rounding of h (the output's dtype), and (h - b) / m needs m != 0 (a magnitude trained or loaded as 0; a zero row of
-W0 breaks DoRA in any form, since then n = 0 at the start).
+to the dropped input, as peft does. Two options compute the same function with less (`dora_fast.py`):
+norm="factored" takes the row norms from (out, r) and (r, r) products, and fused=True keeps one (tokens, out)
+tensor per layer for the backward instead of two.
 """
 from __future__ import annotations
+
+from dataclasses import dataclass
 
 import torch
 import torch.nn.functional as F
 from torch import nn
 
-from .lora import LoRALinear, base_weight
-
-NORMS = ("exact", "factored")
-
-
-def _combine(result, base, lora, g, s):
-    """h = W0 x + b + (g - 1) W0 x + g s B A x, g = m / n of shape (1, out), in peft's order of operations."""
-    return (result + ((g - 1) * base + g * lora * s)).to(result.dtype)
+from .dora_fast import FusedDoRAOutput, factored_norm
+from .lora import LoRALinear, LoRAOptions, base_weight
 
 
-class _DoRAOutput(torch.autograd.Function):
-    """h = result + ((g - 1) * (result - b) + g * s * lora), g = m / n, computed as peft computes it; the backward
-    keeps only h, m, n and b (module docstring: dh/dm = (h - b) / m), so W0 x and B A x are not kept for it.
+@dataclass(frozen=True)
+class DoRAOptions(LoRAOptions):
+    """DoRA's options: LoRA's, and how the norm is computed and differentiated."""
 
-    result = W0 x + b carries b's gradient g * dL/dh back through the base layer; the (1 - g) * dL/dh that b gets
-    through the "- b" is returned here, so a trainable bias gets dL/dh in all, as in peft."""
+    detach_norm: bool = True  # the norm is a constant for autograd (the paper's section 4.3 and peft's choice)
+    norm: str = "exact"  # "exact": build W0 + s B A, as peft does; "factored": from small products (dora_fast.py)
+    fused: bool = False  # True: the backward keeps only the output (dora_fast.py); needs detach_norm
 
-    @staticmethod
-    def forward(ctx, result, lora, magnitude, norm, bias, s):
-        g = (magnitude / norm).view(1, -1)  # (1, out)
-        base = result - bias if bias is not None else result  # W0 x
-        h = _combine(result, base, lora, g, s)  # (..., out)
-        ctx.save_for_backward(h, magnitude, norm, bias)
-        ctx.s, ctx.result_dtype, ctx.lora_dtype = s, result.dtype, lora.dtype
-        return h
-
-    @staticmethod
-    def backward(ctx, grad):
-        h, magnitude, norm, bias = ctx.saved_tensors
-        grad = grad.to(magnitude.dtype)  # (..., out), float32 like the adapter
-        g = magnitude / norm  # (out,)
-        d_result = d_lora = d_magnitude = None
-        if ctx.needs_input_grad[0]:
-            d_result = (grad * g).to(ctx.result_dtype)
-        if ctx.needs_input_grad[1]:
-            d_lora = (grad * (g * ctx.s)).to(ctx.lora_dtype)
-        if ctx.needs_input_grad[2]:
-            direction = h.to(magnitude.dtype) - bias if bias is not None else h.to(magnitude.dtype)  # h - b
-            # (h - b) / m needs m != 0: for a magnitude trained or loaded as 0, use fused=False
-            d_magnitude = (grad * direction).reshape(-1, grad.shape[-1]).sum(0) / magnitude  # (out,)
-        d_bias = None
-        if ctx.needs_input_grad[4]:
-            d_bias = ((1 - g) * grad).reshape(-1, grad.shape[-1]).sum(0).to(bias.dtype)  # (out,)
-        return d_result, d_lora, d_magnitude, None, d_bias, None
+    def check(self) -> None:
+        super().check()
+        if not isinstance(self.detach_norm, bool) or not isinstance(self.fused, bool):
+            raise ValueError(f"detach_norm and fused must be True or False, got {self.detach_norm!r}, {self.fused!r}.")
+        if self.norm not in ("exact", "factored"):
+            raise ValueError(f"norm must be 'exact' or 'factored', got {self.norm!r}.")
+        if self.fused and not self.detach_norm:
+            raise ValueError("fused=True treats the norm as a constant for autograd; it needs detach_norm=True. "
+                             "Use fused=False to differentiate through the norm.")
 
 
 class DoRALinear(LoRALinear):
@@ -98,28 +56,23 @@ class DoRALinear(LoRALinear):
 
     detach_norm: treat ||W0 + s B A|| as a constant for autograd (the paper's choice and peft's); False
                  differentiates through it (same outputs, different gradients, more memory).
-    norm:        "exact" builds W0 + s B A (out, in) to take its row norms, as peft does (bit for bit equal to
-                 peft); "factored" gets the same norms from (out, r) and (r, r) products (equal within float
-                 rounding; no (out, in) matrix from A and B, though a half-precision or 4-bit W0 is still cast
-                 or dequantized to float32 each step; on our CPU the norms alone took 0.37x-0.38x the exact ones',
-                 saving about 1% of a step; on an H100 the step time did not change).
-    fused:       False: autograd keeps W0 x and B A x for the backward, as in peft (bit for bit equal to peft).
-                 True: one autograd step keeps only the output (module docstring); the same outputs as with
-                 fused=False, gradients equal within float rounding, one (tokens, out) tensor less per layer.
-                 Needs detach_norm=True and every m != 0; with dropout active it falls back to the False path
-                 (W0 x is then computed on the dropped input).
+    norm:        "exact" builds W0 + s B A (out, in) to take its row norms, bit for bit as peft does; "factored"
+                 gets the same norms from small products (`dora_fast.factored_norm`; equal within float rounding).
+    fused:       True: the backward keeps only the output (`dora_fast.FusedDoRAOutput`): the same outputs, gradients
+                 equal within float rounding, one (tokens, out) tensor less per layer. Needs detach_norm=True and
+                 every m != 0; with dropout active it falls back to the plain path.
+
+        forward: x (..., in) -> (..., out)
     """
 
-    use_dora = True
+    name, title = "dora", "DoRA"
+    peft_config = {"use_dora": True, "init_lora_weights": True}
     PEFT_NAMES = {**LoRALinear.PEFT_NAMES, "magnitude": "lora_magnitude_vector"}
+    Options = DoRAOptions
 
     def __init__(self, base: nn.Module, r: int, alpha: float, dropout: float = 0.0, rslora: bool = False,
                  detach_norm: bool = True, norm: str = "exact", fused: bool = False):
-        if norm not in NORMS:
-            raise ValueError(f"norm must be one of {NORMS}, got {norm!r}.")
-        if fused and not detach_norm:
-            raise ValueError("fused=True treats the norm as a constant for autograd; it needs detach_norm=True. "
-                             "Use fused=False to differentiate through the norm.")
+        DoRAOptions(dropout, rslora, detach_norm, norm, fused).check()
         super().__init__(base, r, alpha, dropout=dropout, rslora=rslora)
         self.detach_norm, self.norm, self.fused = detach_norm, norm, fused
         with torch.no_grad():
@@ -133,6 +86,10 @@ class DoRALinear(LoRALinear):
         self._merged_norm = None
         self._weight_sq = None  # ||W0||^2 per row, float32, kept for norm="factored" (W0 is frozen)
 
+    @classmethod
+    def parameter_shapes(cls, r: int, in_features: int, out_features: int) -> dict:
+        return {**super().parameter_shapes(r, in_features, out_features), "magnitude": (out_features,)}
+
     def lora_weight(self) -> torch.Tensor:
         """B A, as (out, in). peft computes it as B(A(I))^T, an identity matmul; so do we, for the same rounding."""
         eye = torch.eye(self.in_features, device=self.lora_A.device, dtype=self.lora_A.dtype)  # (in, in)
@@ -140,22 +97,12 @@ class DoRALinear(LoRALinear):
 
     def weight_norm(self) -> torch.Tensor:
         """||W0 + s B A|| for each output row, in the adapter's dtype: (out,)."""
-        if self.norm == "factored":
-            return self.factored_norm()
         weight = base_weight(self.base_layer).to(self.lora_A.dtype)  # (out, in)
+        if self.norm == "factored":  # no (out, in) matrix from A and B (dora_fast.py)
+            if self._weight_sq is None or self._weight_sq.device != weight.device:
+                self._weight_sq = torch.linalg.vector_norm(weight.detach(), dim=1).pow(2)  # ||W0||^2 (out,)
+            return factored_norm(self.lora_A, self.lora_B, self.scaling, weight, self._weight_sq)
         return torch.linalg.norm(weight + self.scaling * self.lora_weight(), dim=1)  # (out,)
-
-    def factored_norm(self) -> torch.Tensor:
-        """The same row norms from small products (module docstring): no (out, in) matrix is built from A and B."""
-        A, B, s = self.lora_A, self.lora_B, self.scaling
-        weight = base_weight(self.base_layer).to(A.dtype)  # (out, in); a copy only for a half-precision or 4-bit base
-        if self._weight_sq is None or self._weight_sq.device != weight.device:
-            self._weight_sq = torch.linalg.vector_norm(weight.detach(), dim=1).pow(2)  # ||W0||^2       (out,)
-        # 2 s rowdot(W0, B A) + s^2 ||B A||^2 = rowsum(B * (2 s W0 A^T + s^2 B (A A^T))): one (out, r) matrix,
-        # built by one addmm, and one row-wise dot product (few kernels: on a GPU each launch costs time)
-        inner = torch.addmm(weight @ A.T, B, A @ A.T, beta=2 * s, alpha=s * s)  # (out, r)
-        # clamp: the terms can cancel to a tiny negative number by rounding; a norm is never negative
-        return (self._weight_sq + torch.linalg.vecdot(B, inner)).clamp(min=0).sqrt()  # (out,)
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
         result = self.base_layer(x)  # W0 x + b                                   (..., out)
@@ -171,17 +118,16 @@ class DoRALinear(LoRALinear):
         if dropping:
             x = self.lora_dropout(x)
         lora = F.linear(F.linear(x, self.lora_A), self.lora_B)  # B A x                  (..., out)
-        if self.fused and not dropping:  # one autograd step that keeps only the output (module docstring)
-            return _DoRAOutput.apply(result, lora, self.magnitude, norm, self.base_layer.bias, self.scaling)
-
+        if self.fused and not dropping:  # one autograd step that keeps only the output (dora_fast.py)
+            return FusedDoRAOutput.apply(result, lora, self.magnitude, norm, self.base_layer.bias, self.scaling)
         if dropping:
             base = F.linear(x, base_weight(self.base_layer).to(x.dtype))  # W0 dropout(x), no bias
         else:
             bias = self.base_layer.bias
             base = result - bias if bias is not None else result  # W0 x, reused
-        scale = (self.magnitude / norm).view(1, -1)  # m / ||W0 + s B A||           (1, out)
-        # h = W0 x + b + (m/n - 1) W0 x + (m/n) s B A x
-        return _combine(result, base, lora, scale, self.scaling)
+        g = (self.magnitude / norm).view(1, -1)  # m / ||W0 + s B A||                 (1, out)
+        # h = W0 x + b + (m/n - 1) W0 x + (m/n) s B A x, in peft's order of operations (the same roundings)
+        return (result + ((g - 1) * base + g * lora * self.scaling)).to(result.dtype)
 
     def effective_weight(self) -> torch.Tensor:
         """W' = (m / ||W0 + s B A||) * (W0 + s B A), (out, in), in float32."""

@@ -16,11 +16,29 @@ peft adapter file by a rename (`lora_A` <-> `lora_A.weight`).
 """
 from __future__ import annotations
 
+import dataclasses
 import math
+from dataclasses import dataclass, field
 
 import torch
 import torch.nn.functional as F
 from torch import nn
+
+
+@dataclass(frozen=True)
+class LoRAOptions:
+    """LoRA's own options (r and alpha are every method's). A field's `peft` metadata names peft's LoraConfig field."""
+
+    dropout: float = field(default=0.0, metadata={"peft": "lora_dropout"})  # on the LoRA branch's input only
+    rslora: bool = field(default=False, metadata={"peft": "use_rslora"})  # scale by alpha / sqrt(r), not alpha / r
+
+    def check(self) -> None:
+        """Every check of these options, in one place: a ValueError that says what to pass instead."""
+        d = self.dropout
+        if isinstance(d, bool) or not isinstance(d, (int, float)) or not 0.0 <= d < 1.0:
+            raise ValueError(f"dropout must be a number in [0, 1), got {d!r}.")
+        if not isinstance(self.rslora, bool):
+            raise ValueError(f"rslora must be True or False, got {self.rslora!r}.")
 
 
 class LoRALinear(nn.Module):
@@ -36,18 +54,29 @@ class LoRALinear(nn.Module):
     LoRA branch and the sum is cast back to the base output's dtype.
     """
 
-    use_dora = False  # the peft config field that selects this layer type
-    # our parameter name -> the key suffix in a peft adapter file
-    PEFT_NAMES = {"lora_A": "lora_A.weight", "lora_B": "lora_B.weight"}
+    # What the rest of the package reads about a method (the table of methods is METHODS in adapters.py):
+    name = "lora"  # add_adapters(model, "lora")
+    title = "LoRA"  # how tables and plots call it
+    peft_config = {"use_dora": False, "init_lora_weights": True}  # the LoraConfig fields that select it (peft's defaults)
+    PEFT_NAMES = {"lora_A": "lora_A.weight", "lora_B": "lora_B.weight"}  # our parameter -> its key in a peft file
+    Options = LoRAOptions  # the method's own options
+    reference = "peft"  # what tests/test_methods.py checks it against
+    random_init = True  # A is drawn at random (the tests replay peft's draws to compare equal weights)
+
+    @classmethod
+    def check_base(cls, base: nn.Module, r: int) -> None:
+        """Raise if this method cannot wrap `base` at rank r (add_adapters asks before it changes anything)."""
+        features(base)  # a TypeError naming the layer's type if LoRA cannot wrap it
 
     def __init__(self, base: nn.Module, r: int, alpha: float, dropout: float = 0.0, rslora: bool = False):
         super().__init__()
         self.in_features, self.out_features = features(base)
-        check_hyperparameters(r, alpha, dropout)
+        check_hyperparameters(r, alpha)
+        LoRAOptions(dropout, rslora).check()
         self.base_layer = base
         for p in base.parameters():
             p.requires_grad_(False)
-        self.r, self.alpha, self.rslora = r, alpha, rslora
+        self.r, self.alpha, self.dropout, self.rslora = r, alpha, dropout, rslora
         # scaling = alpha / r      (rsLoRA: alpha / sqrt(r))
         self.scaling = alpha / math.sqrt(r) if rslora else alpha / r
         self.lora_dropout = nn.Dropout(dropout) if dropout > 0 else nn.Identity()
@@ -59,6 +88,11 @@ class LoRALinear(nn.Module):
         self.lora_A = nn.Parameter(A.to(base.weight.device))
         self.lora_B = nn.Parameter(B.to(base.weight.device))
         self.merged = False
+
+    @property
+    def options(self):
+        """This layer's options as its method's Options dataclass."""
+        return self.Options(**{f.name: getattr(self, f.name) for f in dataclasses.fields(self.Options)})
 
     # Models that look inside a layer (T5 reads `wo.weight.dtype`) see the wrapped layer's tensors, as with peft.
     @property
@@ -72,7 +106,7 @@ class LoRALinear(nn.Module):
     @property
     def quantized_base(self) -> bool:
         """True on a 4-bit base (QLoRA): its weight is rebuilt from codes, never written to."""
-        return hasattr(self.base_layer, "dequantize")
+        return is_4bit(self.base_layer)
 
     def delta_weight(self) -> torch.Tensor:
         """The update folded into W0 by `merge()`: (alpha / r) * B @ A, (out, in), in float32."""
@@ -129,6 +163,21 @@ class LoRALinear(nn.Module):
         weight -= self.delta_weight().to(weight.dtype)
         self.merged = False
 
+    @classmethod
+    def parameter_shapes(cls, r: int, in_features: int, out_features: int) -> dict:
+        """{parameter name: shape} of this method's adapter at rank r (what a loaded file is checked against)."""
+        return {"lora_A": (r, in_features), "lora_B": (out_features, r)}
+
+    def saved_as(self):
+        """(class, r, alpha, {our parameter name: tensor}): what `save_adapter` writes for this layer."""
+        return type(self), self.r, self.alpha, {name: getattr(self, name) for name in self.PEFT_NAMES}
+
+    def restore_base(self) -> nn.Module:
+        """The base layer as it was before this adapter wrapped it (what `remove_adapters(merge=False)` puts back)."""
+        if self.merged:
+            self.unmerge()
+        return self.base_layer
+
     def extra_repr(self) -> str:
         return f"r={self.r}, alpha={self.alpha}, scaling={self.scaling:.4g}, rslora={self.rslora}, merged={self.merged}"
 
@@ -140,11 +189,17 @@ def is_conv1d(layer: nn.Module) -> bool:
     return type(layer).__name__ == "Conv1D" and hasattr(layer, "nf")
 
 
+def is_4bit(layer: nn.Module) -> bool:
+    """A 4-bit layer (QLoRA's `LinearNF4`, qlora.py): it says so (`is_4bit = True`) and rebuilds its weight with
+    `dequantize()`. Recognised by that attribute, so that this file needs only torch."""
+    return getattr(layer, "is_4bit", False) is True
+
+
 def features(layer: nn.Module) -> tuple:
     """(in_features, out_features) of a layer LoRA can wrap; a TypeError naming the layer's type otherwise."""
     if is_conv1d(layer):
         return tuple(layer.weight.shape)  # stored (in, out)
-    if isinstance(layer, nn.Linear) or hasattr(layer, "dequantize"):
+    if isinstance(layer, nn.Linear) or is_4bit(layer):
         return layer.in_features, layer.out_features
     raise TypeError(f"LoRA adapts nn.Linear, transformers' Conv1D and LinearNF4 layers, not {type(layer).__name__}.")
 
@@ -153,17 +208,15 @@ def base_weight(base: nn.Module) -> torch.Tensor:
     """The base layer's weight W0 as (out, in): the tensor merges write to (for a Conv1D, a transposed view of its
     stored weight); for a 4-bit base (`LinearNF4`), a dequantized copy in the original dtype (QLoRA: the adapters see
     the same W0 the forward pass uses)."""
-    if hasattr(base, "dequantize"):
+    if is_4bit(base):
         return base.dequantize()
     return base.weight.T if is_conv1d(base) else base.weight
 
 
-def check_hyperparameters(r, alpha, dropout) -> None:
-    """Clear errors for ranks, alphas and dropouts that cannot work. (An r above min(in, out) works, as in peft: B A
-    then has rank min(in, out) and some of A and B is redundant.)"""
+def check_hyperparameters(r, alpha) -> None:
+    """Clear errors for ranks and alphas that cannot work. (An r above min(in, out) works, as in peft: B A then has
+    rank min(in, out) and some of A and B is redundant.)"""
     if not isinstance(r, int) or isinstance(r, bool) or r < 1:
         raise ValueError(f"r must be a positive integer, got {r!r}.")
     if not isinstance(alpha, (int, float)) or isinstance(alpha, bool) or not alpha > 0 or not math.isfinite(alpha):
         raise ValueError(f"alpha must be a positive number, got {alpha!r}.")
-    if isinstance(dropout, bool) or not isinstance(dropout, (int, float)) or not 0.0 <= dropout < 1.0:
-        raise ValueError(f"dropout must be a number in [0, 1), got {dropout!r}.")

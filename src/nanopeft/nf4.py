@@ -12,8 +12,8 @@ Two 4-bit codes share a byte. The absmax costs 32 bits per 64 numbers (0.5 bits 
 quantization stores the absmax themselves in 8 bits (the signed "dynamic" code), in blocks of 256 with one float32
 scale each, around their mean: 8/64 + 32/(64*256) = 0.127 bits. In all, 4.5 -> 4.127 bits per parameter.
 
-The frozen base is stored this way and dequantized to the compute dtype in every forward (and again in the
-backward, so no full-size weight is kept for autograd); LoRA's A and B stay in high precision and train.
+QLoRA stores the frozen base this way and dequantizes it to the compute dtype in every forward (`LinearNF4`, in
+qlora.py); LoRA's A and B stay in high precision and train. The faster lookups live beside this file (nf4_fast.py).
 """
 from __future__ import annotations
 
@@ -22,13 +22,8 @@ import math
 from dataclasses import dataclass
 
 import torch
-import torch.nn.functional as F
-from torch import nn
 
-try:  # one GPU kernel for the dequantization, where Triton is installed (it comes with CUDA builds of torch)
-    from .nf4_triton import dequantize_kernel, quantize_kernel
-except ImportError:  # CPU-only installs: the PyTorch path serves every device
-    dequantize_kernel = quantize_kernel = None
+from .nf4_fast import dequantize_kernel, lookup_pairs, pair_table, quantize_kernel, use_triton
 
 BLOCKSIZES = (32, 64, 128, 256, 512, 1024, 2048, 4096)  # the block sizes bitsandbytes supports
 FLOAT_DTYPES = (torch.float32, torch.float16, torch.bfloat16)
@@ -56,22 +51,6 @@ def nf4_code() -> torch.Tensor:
     return levels / levels.max()  # (16,), the largest is exactly 1
 
 
-def fp4_code() -> torch.Tensor:
-    """bitsandbytes' FP4 levels (its other 4-bit type), sorted: a tiny float, 1 sign, 2 exponent and 1 mantissa bit.
-
-    Magnitudes 0, 0.0625 (the one subnormal), 2, 3, 4, 6, 8, 12 -- powers of two and 1.5 times them -- divided by 12.
-    bitsandbytes stores both +0 and -0, so two of its 16 codes mean zero; here they are one level (15 in all).
-    """
-    normal = [m * 2.0 ** e for e in (1, 2, 3) for m in (1.0, 1.5)]  # 2, 3, 4, 6, 8, 12
-    magnitudes = torch.tensor([0.0, 0.0625] + normal, dtype=torch.float64) / 12.0
-    return torch.cat([-magnitudes[1:], magnitudes]).sort().values.float()  # (15,)
-
-
-def int4_code() -> torch.Tensor:
-    """Plain symmetric INT4 with absmax scaling: 15 evenly spaced levels k/7, k = -7..7 (no normal prior)."""
-    return torch.arange(-7, 8, dtype=torch.float32) / 7  # (15,)
-
-
 def dynamic_code() -> torch.Tensor:
     """The signed 8-bit "dynamic" code double quantization stores absmax values with (256 levels, sorted).
 
@@ -93,9 +72,10 @@ def dynamic_code() -> torch.Tensor:
 @functools.cache
 def _code_on(name: str, device: torch.device) -> torch.Tensor:
     """A code table built once per device (every forward of every LinearNF4 needs it). Do not modify it."""
-    if name == "nf4-pairs":  # byte b -> (nf4[b >> 4], nf4[b & 15]): both values of a byte in one lookup
-        code = nf4_code()
-        return torch.stack([code.repeat_interleave(16), code.repeat(16)], dim=1).to(device)  # (256, 2)
+    if name == "nf4-pairs":  # byte b -> (nf4[b >> 4], nf4[b & 15]): the fast CPU lookup's table (nf4_fast.py)
+        return pair_table(nf4_code()).to(device)  # (256, 2)
+    if name.endswith("-midpoints"):  # the rounding boundaries, what the Triton quantize kernel compares against
+        return midpoints_of(_code_on(name.removesuffix("-midpoints"), device))
     return {"nf4": nf4_code, "dynamic": dynamic_code}[name]().to(device)
 
 
@@ -132,9 +112,8 @@ def midpoints_of(code: torch.Tensor) -> torch.Tensor:
 def nearest_level(values: torch.Tensor, code: torch.Tensor) -> torch.Tensor:
     """The index of the nearest level of `code` (sorted) for each value; a value exactly half-way between two levels
     goes to the lower one. Level j is nearest on (midpoint j-1, midpoint j], so its index is the number of midpoints
-    strictly below the value. For NF4's 15 midpoints, counting them (15 comparisons per value) was 2-3x faster on
-    our CPU than a binary search (on CUDA `bucketize` was faster; there the Triton kernel counts in registers); for the
-    255 of the 8-bit dynamic code, the binary search (`bucketize`) wins."""
+    strictly below the value: counted one by one for NF4's 15 midpoints, found by binary search (`bucketize`) for
+    the 255 of the 8-bit dynamic code (each the faster there: benchmarks/README.md)."""
     midpoints = midpoints_of(code)
     if midpoints.numel() > 32:
         return torch.bucketize(values, midpoints)
@@ -258,29 +237,15 @@ def check_quantizable(w, blocksize: int, name: str = "tensor") -> None:
                          f"in that block would be lost. Fix the weights (torch.nan_to_num) before quantizing.")
 
 
-def _use_triton(kernel: str, t: torch.Tensor, fn) -> bool:
-    if kernel not in ("auto", "torch", "triton"):
-        raise ValueError(f"kernel must be 'auto', 'torch' or 'triton', got {kernel!r}.")
-    if kernel == "triton" and fn is None:
-        raise ImportError("kernel='triton' needs Triton (pip install triton; CUDA builds of torch include it).")
-    return kernel == "triton" or (kernel == "auto" and t.is_cuda and fn is not None)
-
-
-@functools.cache
-def _midpoints_on(name: str, device: torch.device) -> torch.Tensor:
-    """`midpoints_of` a code table, built once per device (what the Triton quantize kernel compares against)."""
-    return midpoints_of(_code_on(name, device))
-
-
 def quantize_nf4(w: torch.Tensor, blocksize: int = 64, double_quant: bool = False, kernel: str = "auto") -> NF4Tensor:
     """Quantize `w` to NF4 exactly as `bitsandbytes.functional.quantize_4bit(w, blocksize, quant_type="nf4",
-    compress_statistics=double_quant)` does (same bytes, same absmax). kernel: "torch" (this function's code),
-    "triton" (the same bytes from one GPU kernel per quantization, `nanopeft.nf4_triton`), or "auto": Triton for a
+    compress_statistics=double_quant)` does (same bytes, same absmax). kernel: "torch" or "gather" (this function's
+    code), "triton" (the same bytes from one GPU kernel per quantization, `nf4_triton.py`), or "auto": Triton for a
     CUDA tensor where Triton is installed, else torch."""
     check_quantizable(w, blocksize, "w")
-    triton = _use_triton(kernel, w, quantize_kernel)
+    triton = use_triton(kernel, w, "quantize")
     if triton:  # one kernel: absmax, scaling, rounding and packing
-        packed, absmax = quantize_kernel(w, _midpoints_on("nf4", w.device), blocksize, pack=True)
+        packed, absmax = quantize_kernel(w, _code_on("nf4-midpoints", w.device), blocksize, pack=True)
     else:
         indices, absmax = quantize_blockwise(w, _code_on("nf4", w.device), blocksize)  # (n,), (blocks,)
         packed = pack(indices)
@@ -289,7 +254,7 @@ def quantize_nf4(w: torch.Tensor, blocksize: int = 64, double_quant: bool = Fals
         # absmax values are all positive and similar: centre them on their mean, then 8 bits in blocks of 256.
         offset = absmax.mean()
         if triton:
-            codes, scale = quantize_kernel(absmax, _midpoints_on("dynamic", w.device), NF4Tensor.DQ_BLOCKSIZE,
+            codes, scale = quantize_kernel(absmax, _code_on("dynamic-midpoints", w.device), NF4Tensor.DQ_BLOCKSIZE,
                                            pack=False, offset=offset)
         else:
             codes, scale = quantize_blockwise(absmax - offset, _code_on("dynamic", w.device), NF4Tensor.DQ_BLOCKSIZE)
@@ -298,94 +263,20 @@ def quantize_nf4(w: torch.Tensor, blocksize: int = 64, double_quant: bool = Fals
 
 
 def dequantize_nf4(q: NF4Tensor, dtype: torch.dtype | None = None, kernel: str = "auto") -> torch.Tensor:
-    """The weight back, w ~= nf4[code] * absmax, in `dtype` (default: the original dtype), shape `q.shape`.
+    """The weight back, w ~= nf4[code] * absmax of its block, in `dtype` (default: the original dtype), shape q.shape.
 
-    Equal to `dequantize_blockwise(unpack(q.packed), absmax, nf4_code())`, but each byte is looked up once in a
-    256 x 2 table of value pairs instead of being split into two codes first, and each block is scaled by a
-    broadcast. kernel: "torch" (this function's code), "triton" (the same numbers in one GPU kernel,
-    `nanopeft.nf4_triton`), or "auto": Triton for a CUDA tensor where Triton is installed, else torch.
+    kernel: "torch" runs the three steps below as written; "gather" gets the same levels by looking each byte up
+    once (`nf4_fast.lookup_pairs`, several times faster on a CPU); "triton" does it all in one GPU kernel
+    (`nf4_triton.py`); "auto" (the default) picks Triton for a CUDA tensor where it is installed, else "gather".
+    Every path gives the same numbers bit for bit (tests/test_nf4.py).
     """
-    if _use_triton(kernel, q.packed, dequantize_kernel):
-        device = q.packed.device
+    device = q.packed.device
+    if use_triton(kernel, q.packed, "dequantize"):
         return dequantize_kernel(q, _code_on("nf4", device), _code_on("dynamic", device), dtype or q.dtype)
-    # the 256 x 2 table read as 256 eight-byte words: one gather fetches both values of a byte at once
-    words = _code_on("nf4-pairs", q.packed.device).view(torch.int64).view(1, 256)
-    codes = q.packed.view(-1).long()
-    half = q.blocksize // 2  # bytes per block
-    # one row per block: torch.gather splits rows across CPU threads (a flat index_select runs on one thread)
-    codes = codes.view(-1, half) if codes.numel() % half == 0 else codes.view(1, -1)
-    values = torch.gather(words.expand(codes.shape[0], 256), 1, codes)  # (rows, bytes per row), 8-byte words
-    values = values.view(torch.float32).view(-1)[: q.numel]  # (n,) high, low, high, low, ...
-    return scale_blocks_(values, q.block_absmax(), q.blocksize).view(q.shape).to(dtype or q.dtype)
-
-
-# ------------------------------------------------------------------------------------------------- the layer
-class _NF4Matmul(torch.autograd.Function):
-    """y = x W^T with W dequantized on the fly. The backward dequantizes again instead of keeping W (out, in) for
-    autograd, as bitsandbytes' MatMul4Bit does: only x's gradient exists, since W is frozen."""
-
-    @staticmethod
-    def forward(ctx, x, layer, bias):
-        ctx.layer = layer
-        return F.linear(x, layer.dequantize(x.dtype), bias)  # (..., in) @ (in, out) + b -> (..., out)
-
-    @staticmethod
-    def backward(ctx, grad_out):
-        return grad_out @ ctx.layer.dequantize(grad_out.dtype), None, None  # (..., out) @ (out, in) -> (..., in)
-
-
-class LinearNF4(nn.Module):
-    """A frozen Linear whose weight is stored in NF4 and dequantized to `compute_dtype` in every forward.
-
-    Buffers, named like bitsandbytes' `Linear4bit` state: `weight` (packed uint8), `absmax`, and with double
-    quantization `absmax_scale` and `offset`. The bias (if any) is a frozen parameter in its original dtype.
-    compute_dtype: the dtype of the matmul (None: the input's dtype, bitsandbytes' default for float32 inputs).
-
-        forward(x) = F.linear(x.to(cd), dequantize(W).to(cd), bias.to(cd)).to(x.dtype)
-    """
-
-    def __init__(self, q: NF4Tensor, bias: torch.Tensor | None = None, compute_dtype: torch.dtype | None = None):
-        super().__init__()
-        if len(q.shape) != 2:
-            raise ValueError(f"LinearNF4 needs a 2-D (out, in) weight, got shape {tuple(q.shape)}.")
-        self.out_features, self.in_features = q.shape
-        self.blocksize, self.weight_shape, self.weight_dtype = q.blocksize, q.shape, q.dtype
-        self.compute_dtype = compute_dtype
-        self.register_buffer("weight", q.packed)
-        for name, t in q.tensors().items():
-            if name != "packed":
-                self.register_buffer(name, t)
-        self.bias = nn.Parameter(bias.detach().clone(), requires_grad=False) if bias is not None else None
-
-    @classmethod
-    def from_linear(cls, linear: nn.Linear, blocksize: int = 64, double_quant: bool = True,
-                    compute_dtype: torch.dtype | None = None) -> "LinearNF4":
-        """Quantize a `nn.Linear`'s weight (the Linear itself is left unchanged)."""
-        if isinstance(linear, LinearNF4):
-            raise TypeError("This layer is already a LinearNF4: quantizing twice would round the rounding.")
-        if not isinstance(linear, nn.Linear):
-            raise TypeError(f"from_linear needs an nn.Linear, got {type(linear).__name__}.")
-        q = quantize_nf4(linear.weight.detach(), blocksize=blocksize, double_quant=double_quant)
-        return cls(q, linear.bias, compute_dtype)
-
-    @property
-    def quantized(self) -> NF4Tensor:
-        """The stored weight as an NF4Tensor (views of this layer's buffers)."""
-        dq = hasattr(self, "absmax_scale")
-        return NF4Tensor(self.weight, self.absmax, self.blocksize, self.weight_shape, self.weight_dtype,
-                         self.absmax_scale if dq else None, self.offset if dq else None)
-
-    def dequantize(self, dtype: torch.dtype | None = None) -> torch.Tensor:
-        """W (out, in) in `dtype` (default: the original weight's dtype), rebuilt from the 4-bit codes."""
-        return dequantize_nf4(self.quantized, dtype)
-
-    def forward(self, x: torch.Tensor) -> torch.Tensor:
-        cd = self.compute_dtype or x.dtype
-        bias = self.bias.to(cd) if self.bias is not None else None
-        return _NF4Matmul.apply(x.to(cd), self, bias).to(x.dtype)  # (..., out)
-
-    def extra_repr(self) -> str:
-        q = self.quantized
-        return (f"in_features={self.in_features}, out_features={self.out_features}, bias={self.bias is not None}, "
-                f"blocksize={self.blocksize}, double_quant={q.double_quant}, compute_dtype={self.compute_dtype}, "
-                f"{q.bits_per_parameter:.3f} bits/parameter")
+    if kernel == "torch":
+        codes = unpack(q.packed, q.numel)  # two 4-bit codes per byte                  (n,)
+        levels = _code_on("nf4", device).index_select(0, codes)  # nf4[code], in [-1, 1]  (n,)
+    else:
+        levels = lookup_pairs(q.packed, _code_on("nf4-pairs", device), q.blocksize)[: q.numel]  # the same, faster
+    w = scale_blocks_(levels, q.block_absmax(), q.blocksize)  # times the absmax of its block
+    return w.view(q.shape).to(dtype or q.dtype)

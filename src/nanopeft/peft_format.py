@@ -17,6 +17,7 @@ peft then loads into a plain `PeftModel`.
 """
 from __future__ import annotations
 
+import dataclasses
 import json
 import os
 import re
@@ -29,26 +30,19 @@ from torch import nn
 from safetensors import SafetensorError
 from safetensors.torch import load_file, save_file
 
-from .adapters import ModuleToSave, add_adapters, adapter_layers, modules_to_save
-from .dora import DoRALinear
-from .lora import LoRALinear, features, is_conv1d
-from .targets import saved_paths
+from .adapters import METHODS, add_adapters, adapter_layers, method_from_peft, peft_options
+from .lora import features, is_conv1d
+from .targets import ModuleToSave, modules_to_save, saved_paths
 
 CONFIG_NAME = "adapter_config.json"
 WEIGHTS_NAME = "adapter_model.safetensors"
 PREFIX = "base_model.model."  # peft wraps the model twice: PeftModel.base_model (LoraModel) .model
 
 
-LAYER_CLASSES = {"lora": LoRALinear, "dora": DoRALinear}  # by peft's `use_dora`
-
 # peft's task types, by the end of a transformers model's class name (peft.utils.peft_types.TaskType)
 TASK_TYPES = (("ForCausalLM", "CAUSAL_LM"), ("LMHeadModel", "CAUSAL_LM"), ("ForSequenceClassification", "SEQ_CLS"),
               ("ForConditionalGeneration", "SEQ_2_SEQ_LM"), ("ForSeq2SeqLM", "SEQ_2_SEQ_LM"),
               ("ForTokenClassification", "TOKEN_CLS"), ("ForQuestionAnswering", "QUESTION_ANS"))
-
-
-def _method_name(layer) -> str:
-    return "dora" if layer.use_dora else "lora"
 
 
 def task_type(model: nn.Module):
@@ -81,26 +75,26 @@ def save_adapter(model: nn.Module, folder, task_type_: str | None = "auto") -> P
     layers = adapter_layers(model)
     if not layers:
         raise ValueError("This model has no adapters to save: call add_adapters(model, ...) first.")
-    methods = {_method_name(layer) for layer in layers.values()}
+    # what each layer writes: itself, or (PiSSA) the adapter it converts to for the original base
+    written = {path: layer.saved_as() for path, layer in layers.items()}
+    cls, r, alpha, _ = next(iter(written.values()))
     first = next(iter(layers.values()))
-    if len(methods) > 1 or any((l.r, l.alpha, l.rslora) != (first.r, first.alpha, first.rslora) for l in layers.values()):
+    if any((c, rr, a, l.options) != (cls, r, alpha, first.options) for (c, rr, a, _), l in zip(written.values(),
+                                                                                           layers.values())):
         raise ValueError("save_adapter writes one peft config, so every adapter layer must share method, r, alpha "
-                         "and rslora.")
-    dropout = first.lora_dropout.p if isinstance(first.lora_dropout, nn.Dropout) else 0.0
+                         "and options.")
     saved = modules_to_save(model)
     config = {
         "peft_type": "LORA",
         "task_type": task_type(model) if task_type_ == "auto" else task_type_,
         "base_model_name_or_path": getattr(getattr(model, "config", None), "_name_or_path", None) or None,
-        "r": first.r,
-        "lora_alpha": first.alpha,
-        "lora_dropout": dropout,
+        "r": r,
+        "lora_alpha": alpha,
         "target_modules": _target_modules(model, list(layers)),
-        "use_dora": methods == {"dora"},
-        "use_rslora": first.rslora,
+        **cls.peft_config,  # the fields that select the method (use_dora, init_lora_weights)
+        **{theirs: getattr(first.options, ours) for theirs, ours in peft_options(cls).items()},  # lora_dropout, ...
         "bias": "none",
         "fan_in_fan_out": any(is_conv1d(layer.base_layer) for layer in layers.values()),
-        "init_lora_weights": True,
         "inference_mode": True,
         "modules_to_save": sorted({p.rsplit(".", 1)[-1] for p in saved}) or None,
         "layers_to_transform": None,
@@ -108,9 +102,9 @@ def save_adapter(model: nn.Module, folder, task_type_: str | None = "auto") -> P
         "alpha_pattern": {},
     }
     tensors = {}
-    for path, layer in layers.items():
-        for ours, theirs in layer.PEFT_NAMES.items():
-            tensors[f"{PREFIX}{path}.{theirs}"] = getattr(layer, ours).detach().to("cpu").contiguous()
+    for path, (_, _, _, weights) in written.items():
+        for ours, t in weights.items():
+            tensors[f"{PREFIX}{path}.{cls.PEFT_NAMES[ours]}"] = t.detach().to("cpu").contiguous()
     for path, wrapper in saved.items():
         for name, t in wrapper.trained.state_dict().items():
             tensors[f"{PREFIX}{path}.{name}"] = t.detach().to("cpu").contiguous()
@@ -151,7 +145,7 @@ def read_adapter(folder):
         raise ValueError(f"{folder / CONFIG_NAME} must hold a JSON object.")
     if config.get("peft_type") != "LORA":
         raise ValueError(f"{folder} holds a {config.get('peft_type')!r} adapter; nanopeft loads peft_type 'LORA' "
-                         f"(LoRA and DoRA) only.")
+                         f"({', '.join(c.title for c in METHODS.values())}) only.")
     for key in ("r", "lora_alpha"):
         if key not in config:
             raise ValueError(f"{folder / CONFIG_NAME} has no {key!r}.")
@@ -162,8 +156,9 @@ def read_adapter(folder):
     except (SafetensorError, OSError, ValueError) as err:
         raise ValueError(f"{folder / WEIGHTS_NAME} cannot be read ({err}); the file is corrupt.") from err
 
-    method = "dora" if config.get("use_dora") else "lora"
-    names = {theirs: ours for ours, theirs in LAYER_CLASSES[method].PEFT_NAMES.items()}
+    method = method_from_peft(config)  # a ValueError naming the fields if no method of ours fits
+    names = {theirs: ours for ours, theirs in METHODS[method].PEFT_NAMES.items()}
+    foreign = {theirs: n for n, c in METHODS.items() for theirs in c.PEFT_NAMES.values() if theirs not in names}
     weights, others = {}, {}
     for key, tensor in tensors.items():
         if not key.startswith(PREFIX):
@@ -173,9 +168,10 @@ def read_adapter(folder):
         suffix = next((s for s in names if rest.endswith("." + s)), None)
         if suffix is not None:
             weights.setdefault(rest[: -len(suffix) - 1], {})[names[suffix]] = tensor
-        elif rest.endswith(".lora_magnitude_vector"):
-            raise ValueError(f"{WEIGHTS_NAME} holds DoRA magnitudes ({key}) but {CONFIG_NAME} says use_dora "
-                             f"is false; the files do not belong together.")
+        elif any(rest.endswith("." + theirs) for theirs in foreign):
+            owner = next(n for theirs, n in foreign.items() if rest.endswith("." + theirs))
+            raise ValueError(f"{WEIGHTS_NAME} holds {key}, a weight of method {owner!r}, but {CONFIG_NAME} selects "
+                             f"{method!r}; the files do not belong together.")
         elif config.get("modules_to_save") and ".lora_" not in rest:
             others[rest] = tensor  # a module trained fully; load_adapter finds its place in the model
         else:
@@ -198,8 +194,12 @@ def load_adapter(model: nn.Module, folder) -> nn.Module:
     (peft's `is_trainable=False` pitfall does not apply).
     """
     config, weights, others = read_adapter(folder)
-    method = "dora" if config.get("use_dora") else "lora"
-    r, alpha, rslora = config["r"], config["lora_alpha"], bool(config.get("use_rslora", False))
+    method = method_from_peft(config)
+    cls = METHODS[method]
+    r, alpha = config["r"], config["lora_alpha"]
+    defaults = cls.Options()
+    options = cls.Options(**{ours: config.get(theirs, getattr(defaults, ours)) or getattr(defaults, ours)
+                             for theirs, ours in peft_options(cls).items()})
     modules = dict(model.named_modules())
     existing = adapter_layers(model)
 
@@ -226,12 +226,12 @@ def load_adapter(model: nn.Module, folder) -> nn.Module:
                 f"{sorted(set(weights) - set(existing))[:3]}, only in the model {sorted(set(existing) - set(weights))[:3]}."
             )
         for path, layer in existing.items():
-            if _method_name(layer) != method:
-                raise ValueError(f"{folder} is a {method} adapter but the model's {path} is a {_method_name(layer)} "
+            if layer.name != method:
+                raise ValueError(f"{folder} is a {method} adapter but the model's {path} is a {layer.name} "
                                  f"layer: load it into a plain model, or remove_adapters(model) first.")
-            if (layer.r, layer.alpha, layer.rslora) != (r, alpha, rslora):
-                raise ValueError(f"{folder} has r={r}, lora_alpha={alpha}, use_rslora={rslora} but the model's "
-                                 f"{path} has r={layer.r}, alpha={layer.alpha}, rslora={layer.rslora}.")
+            if (layer.r, layer.alpha, layer.rslora) != (r, alpha, options.rslora):
+                raise ValueError(f"{folder} has r={r}, lora_alpha={alpha}, use_rslora={options.rslora} but the "
+                                 f"model's {path} has r={layer.r}, alpha={layer.alpha}, rslora={layer.rslora}.")
             if layer.merged:
                 raise RuntimeError("The model's adapters are merged; unmerge_adapters(model) before loading.")
         unwrapped = sorted({p for p in placed.values() if not isinstance(modules[p], ModuleToSave)})
@@ -248,16 +248,14 @@ def load_adapter(model: nn.Module, folder) -> nn.Module:
             shapes[path] = features(modules[path])  # a TypeError naming the type for a layer LoRA cannot wrap
 
     for path, tensors in weights.items():
-        in_f, out_f = shapes[path]
-        expected = {"lora_A": (r, in_f), "lora_B": (out_f, r), "magnitude": (out_f,)}
+        expected = cls.parameter_shapes(r, *shapes[path])
         for name, t in tensors.items():
             if tuple(t.shape) != expected[name]:
-                raise ValueError(f"{path}.{LAYER_CLASSES[method].PEFT_NAMES[name]} has shape {tuple(t.shape)}, but "
+                raise ValueError(f"{path}.{cls.PEFT_NAMES[name]} has shape {tuple(t.shape)}, but "
                                  f"this model with r={r} needs {expected[name]}.")
 
     if not existing:
-        dropout = float(config.get("lora_dropout", 0.0) or 0.0)
-        add_adapters(model, method=method, r=r, alpha=alpha, targets=list(weights), dropout=dropout, rslora=rslora,
+        add_adapters(model, method, r=r, alpha=alpha, targets=list(weights), **dataclasses.asdict(options),
                      modules_to_save=sorted({p for p in placed.values()}))
     layers, wrappers = adapter_layers(model), modules_to_save(model)
     with torch.no_grad():

@@ -1,7 +1,7 @@
 """QLoRA: Efficient Finetuning of Quantized LLMs (Dettmers et al., 2023, arXiv:2305.14314), the model-level steps.
 
 QLoRA = a frozen base stored in NF4 (`nanopeft.nf4`) + LoRA adapters in high precision that train on top of it.
-This file does the three things around the adapters:
+This file holds the frozen 4-bit layer, `LinearNF4`, and does the three things around the adapters:
 
     quantize_model(model)               every nn.Linear but the head -> LinearNF4 (blocks of 64, double quantization)
     prepare_for_kbit_training(model)    freeze, keep small tensors in float32, optionally checkpoint activations
@@ -16,11 +16,85 @@ import math
 from dataclasses import dataclass
 
 import torch
+import torch.nn.functional as F
 from torch import nn
 
 from .adapters import adapter_layers, set_module
-from .nf4 import LinearNF4, check_quantizable, dequantize_nf4, quantize_nf4
+from .nf4 import NF4Tensor, check_quantizable, dequantize_nf4, quantize_nf4
 from .targets import path_matches
+
+
+class _NF4Matmul(torch.autograd.Function):
+    """y = x W^T with W dequantized on the fly. The backward dequantizes again instead of keeping W (out, in) for
+    autograd, as bitsandbytes' MatMul4Bit does: only x's gradient exists, since W is frozen."""
+
+    @staticmethod
+    def forward(ctx, x, layer, bias):
+        ctx.layer = layer
+        return F.linear(x, layer.dequantize(x.dtype), bias)  # (..., in) @ (in, out) + b -> (..., out)
+
+    @staticmethod
+    def backward(ctx, grad_out):
+        return grad_out @ ctx.layer.dequantize(grad_out.dtype), None, None  # (..., out) @ (out, in) -> (..., in)
+
+
+class LinearNF4(nn.Module):
+    """A frozen Linear whose weight is stored in NF4 and dequantized to `compute_dtype` in every forward.
+
+    Buffers, named like bitsandbytes' `Linear4bit` state: `weight` (packed uint8), `absmax`, and with double
+    quantization `absmax_scale` and `offset`. The bias (if any) is a frozen parameter in its original dtype.
+    compute_dtype: the dtype of the matmul (None: the input's dtype, bitsandbytes' default for float32 inputs).
+
+        forward(x) = F.linear(x.to(cd), dequantize(W).to(cd), bias.to(cd)).to(x.dtype)
+    """
+
+    is_4bit = True  # what lora.is_4bit looks for: the weight is rebuilt by dequantize(), never written to
+
+    def __init__(self, q: NF4Tensor, bias: torch.Tensor | None = None, compute_dtype: torch.dtype | None = None):
+        super().__init__()
+        if len(q.shape) != 2:
+            raise ValueError(f"LinearNF4 needs a 2-D (out, in) weight, got shape {tuple(q.shape)}.")
+        self.out_features, self.in_features = q.shape
+        self.blocksize, self.weight_shape, self.weight_dtype = q.blocksize, q.shape, q.dtype
+        self.compute_dtype = compute_dtype
+        self.register_buffer("weight", q.packed)
+        for name, t in q.tensors().items():
+            if name != "packed":
+                self.register_buffer(name, t)
+        self.bias = nn.Parameter(bias.detach().clone(), requires_grad=False) if bias is not None else None
+
+    @classmethod
+    def from_linear(cls, linear: nn.Linear, blocksize: int = 64, double_quant: bool = True,
+                    compute_dtype: torch.dtype | None = None) -> "LinearNF4":
+        """Quantize a `nn.Linear`'s weight (the Linear itself is left unchanged)."""
+        if isinstance(linear, LinearNF4):
+            raise TypeError("This layer is already a LinearNF4: quantizing twice would round the rounding.")
+        if not isinstance(linear, nn.Linear):
+            raise TypeError(f"from_linear needs an nn.Linear, got {type(linear).__name__}.")
+        q = quantize_nf4(linear.weight.detach(), blocksize=blocksize, double_quant=double_quant)
+        return cls(q, linear.bias, compute_dtype)
+
+    @property
+    def quantized(self) -> NF4Tensor:
+        """The stored weight as an NF4Tensor (views of this layer's buffers)."""
+        dq = hasattr(self, "absmax_scale")
+        return NF4Tensor(self.weight, self.absmax, self.blocksize, self.weight_shape, self.weight_dtype,
+                         self.absmax_scale if dq else None, self.offset if dq else None)
+
+    def dequantize(self, dtype: torch.dtype | None = None) -> torch.Tensor:
+        """W (out, in) in `dtype` (default: the original weight's dtype), rebuilt from the 4-bit codes."""
+        return dequantize_nf4(self.quantized, dtype)
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        cd = self.compute_dtype or x.dtype
+        bias = self.bias.to(cd) if self.bias is not None else None
+        return _NF4Matmul.apply(x.to(cd), self, bias).to(x.dtype)  # (..., out)
+
+    def extra_repr(self) -> str:
+        q = self.quantized
+        return (f"in_features={self.in_features}, out_features={self.out_features}, bias={self.bias is not None}, "
+                f"blocksize={self.blocksize}, double_quant={q.double_quant}, compute_dtype={self.compute_dtype}, "
+                f"{q.bits_per_parameter:.3f} bits/parameter")
 
 
 @dataclass

@@ -1,4 +1,6 @@
-"""Which layers to adapt: peft's rules for `target_modules`, with clear errors where peft stays silent.
+"""Which layers to adapt, which modules train fully beside them, and how many numbers train.
+
+Which layers: peft's rules for `target_modules`, with clear errors where peft stays silent.
 
     find_targets(model, ["q_proj", "v_proj"])     names: a module whose path is the name or ends in "." + name
     find_targets(model, r".*\.(q|v)_proj")         a string: a regular expression matching the whole path
@@ -10,12 +12,14 @@ nothing is an error even when others match, and a target LoRA cannot wrap gets a
 """
 from __future__ import annotations
 
+import copy
 import re
+from dataclasses import dataclass
 
 from torch import nn
 
-from .lora import LoRALinear, is_conv1d
-from .nf4 import LinearNF4
+from .lora import LoRALinear, is_4bit, is_conv1d
+
 
 # peft's heads of sequence classifiers (peft.utils.constants.SEQ_CLS_HEAD_NAMES): newly initialised, so under its
 # task_type "SEQ_CLS" peft trains them fully (modules_to_save) and leaves them out of "all-linear".
@@ -36,8 +40,8 @@ def saved_paths(model: nn.Module, names) -> list:
 
 
 def adaptable(module: nn.Module) -> bool:
-    """What LoRA can wrap: nn.Linear, transformers' Conv1D (GPT-2) and 4-bit LinearNF4 layers."""
-    return isinstance(module, (nn.Linear, LinearNF4)) or is_conv1d(module)
+    """What LoRA can wrap: nn.Linear, transformers' Conv1D (GPT-2) and 4-bit LinearNF4 layers (qlora.py)."""
+    return isinstance(module, nn.Linear) or is_conv1d(module) or is_4bit(module)
 
 
 def layer_index(path: str, layers_pattern: str | None):
@@ -141,3 +145,56 @@ def _check_adaptable(model, name, module, skip) -> None:
         hint = (f"it contains linear layers: name those instead, e.g. {inner[:4]}." if inner else
                 "nanopeft adapts nn.Linear, transformers' Conv1D (GPT-2) and LinearNF4 layers only.")
     raise TypeError(f"Target {name} is a {kind}, which LoRA cannot wrap here: {hint}")
+
+
+# --------------------------------------------------------------------------------- modules trained fully, counts
+class ModuleToSave(nn.Module):
+    """A module trained fully beside the adapters (peft's `modules_to_save`): a trainable copy does the work, and
+    the original stays untouched so that `remove_adapters(model)` can give it back. Attributes a model reads
+    (`weight`, `out_features`, ...) come from the trained copy."""
+
+    def __init__(self, module: nn.Module):
+        super().__init__()
+        self.original_module = module
+        self.trained = copy.deepcopy(module).requires_grad_(True)
+
+    def forward(self, *args, **kwargs):
+        return self.trained(*args, **kwargs)
+
+    def __getattr__(self, name):
+        try:
+            return super().__getattr__(name)
+        except AttributeError:
+            return getattr(super().__getattr__("trained"), name)
+
+
+def modules_to_save(model: nn.Module) -> dict:
+    """{module path: ModuleToSave} for every module trained fully beside the adapters."""
+    return {name: m for name, m in model.named_modules() if isinstance(m, ModuleToSave)}
+
+
+@dataclass
+class ParameterCount:
+    trainable: int
+    total: int
+    table: list  # (module path, parameter name, shape, count) for each trainable tensor
+
+    @property
+    def percent(self) -> float:
+        return 100.0 * self.trainable / self.total
+
+    def __str__(self) -> str:
+        return f"trainable params: {self.trainable:,} || all params: {self.total:,} || trainable%: {self.percent:.4f}"
+
+
+def trainable_parameters(model: nn.Module) -> ParameterCount:
+    """Trainable and total parameter counts (shared tensors counted once) and a per-tensor table."""
+    trainable = total = 0
+    table = []
+    for name, p in model.named_parameters():  # named_parameters() already skips tied duplicates
+        total += p.numel()
+        if p.requires_grad:
+            trainable += p.numel()
+            module, _, pname = name.rpartition(".")
+            table.append((module, pname, tuple(p.shape), p.numel()))
+    return ParameterCount(trainable, total, table)

@@ -26,7 +26,8 @@ from dataclasses import dataclass
 import torch
 from safetensors.torch import save_file
 
-from ..adapters import adapter_layers, add_adapters, trainable_parameters
+from ..adapters import METHODS, adapter_layers, add_adapters
+from ..targets import trainable_parameters
 from ..loraplus import create_loraplus_optimizer
 from ..peft_format import save_adapter
 from ..qlora import prepare_for_kbit_training, quantize_model

@@ -16,10 +16,11 @@ import math
 import torch
 from torch import nn
 
-from ..adapters import adapter_layers, add_adapters, modules_to_save, set_module
+from ..adapters import METHODS, adapter_layers, add_adapters, set_module
+from ..targets import modules_to_save
 from ..lora import is_conv1d
-from ..nf4 import LinearNF4, NF4Tensor
-from ..qlora import quantize_model
+from ..nf4 import NF4Tensor
+from ..qlora import LinearNF4, quantize_model
 from ..targets import path_matches
 
 
@@ -35,6 +36,8 @@ def replay_peft_init(model, seed: int) -> None:
     """
     torch.manual_seed(seed)
     for layer in adapter_layers(model).values():
+        if not layer.random_init:  # PiSSA: A and B come from the SVD, in both libraries
+            continue
         A, B = torch.empty(layer.r, layer.in_features), torch.empty(layer.out_features, layer.r)
         nn.init.kaiming_uniform_(A, a=math.sqrt(5))  # nn.Linear(in, r).__init__ draws this, then it is overwritten
         nn.init.kaiming_uniform_(B, a=math.sqrt(5))  # nn.Linear(r, out).__init__ draws this, then B is zeroed
@@ -97,7 +100,7 @@ def peft_twin(base, method: str = "lora", seed: int = 0, r: int = 8, alpha: floa
         targets = targets if isinstance(targets, str) else list(targets)
         conv1d = any(is_conv1d(m) for m in base.modules())  # GPT-2's layers store W transposed: peft's fan_in_fan_out
         config = LoraConfig(r=r, lora_alpha=alpha, target_modules=targets, lora_dropout=dropout, use_rslora=rslora,
-                            use_dora=method == "dora", fan_in_fan_out=conv1d)
+                            fan_in_fan_out=conv1d, **METHODS[method].peft_config)
         ours = add_adapters(copy.deepcopy(base), method=method, r=r, alpha=alpha, targets=targets, dropout=dropout,
                             rslora=rslora, **options)
     else:
