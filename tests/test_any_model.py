@@ -21,6 +21,8 @@ from nanopeft.targets import modules_to_save
 from nanopeft.lab.models import tiny_model
 from nanopeft.lab.twins import compare_with_peft, output_of, peft_twin
 
+from twins import assert_unchanged, snapshot
+
 
 class MLP(nn.Module):  # peft's tests/test_custom_models.py
     def __init__(self, bias=True):
@@ -93,18 +95,6 @@ REFUSED_CASES = [
 
 def mlp_inputs(model_id):
     return (torch.arange(90).view(9, 10),)  # peft's prepare_inputs_for_testing
-
-
-def snapshot(model):
-    return {"modules": [(n, type(m).__name__) for n, m in model.named_modules()],
-            "params": {n: (p.detach().clone(), p.requires_grad) for n, p in model.named_parameters()}}
-
-
-def assert_unchanged(model, snap):
-    now = snapshot(model)
-    assert now["modules"] == snap["modules"]
-    for n, (t, rg) in snap["params"].items():
-        assert torch.equal(now["params"][n][0], t) and now["params"][n][1] == rg, n
 
 
 def run(model, inputs):

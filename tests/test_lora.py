@@ -11,7 +11,7 @@ from nanopeft import (add_adapters, adapter_layers, load_adapter, merge_adapters
                       save_adapter, trainable_parameters, unmerge_adapters)
 from nanopeft.lab.models import tiny_llama, tiny_qwen2
 
-from twins import TARGETS, assert_matches_peft, peft_layer, twin_models
+from twins import TARGETS, assert_matches_peft, assert_unchanged, peft_layer, snapshot, twin_models
 
 
 @pytest.mark.parametrize("rslora", [False, True])
@@ -196,18 +196,6 @@ def test_load_into_a_model_that_already_has_matching_adapters(tmp_path):
 
 
 # --- bad input: a clear error, and the model unchanged -------------------------------------------------------------
-
-def snapshot(model):
-    return {"modules": [(n, type(m).__name__) for n, m in model.named_modules()],
-            "params": {n: (p.detach().clone(), p.requires_grad) for n, p in model.named_parameters()}}
-
-
-def assert_unchanged(model, snap):
-    now = snapshot(model)
-    assert now["modules"] == snap["modules"]
-    for n, (t, rg) in snap["params"].items():
-        assert torch.equal(now["params"][n][0], t) and now["params"][n][1] == rg, n
-
 
 @pytest.mark.parametrize("kwargs, error", [
     (dict(r=0), "r must be a positive integer"),
