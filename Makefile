@@ -4,7 +4,7 @@ VENV   ?= .venv
 PY     := $(VENV)/bin/python
 STAMP  := $(VENV)/.nanopeft-installed
 
-.PHONY: demo test unit notebooks lab bench results install clean
+.PHONY: demo test unit notebooks lab bench results facts install clean
 
 install: $(STAMP)
 
@@ -50,20 +50,25 @@ notebooks: $(STAMP)
 lab: $(STAMP)
 	$(VENV)/bin/jupyter lab notebooks
 
-# The long experiments whose results ship in src/nanopeft/lab/results/ (about 5 hours on a 2-core CPU), written to
+# The long experiments whose results ship in src/nanopeft/course/results/ (about 5 hours on a 2-core CPU), written to
 # runs/: each method's learning rate on the validation split, the 5-seed showdown at those rates, the LoRA+ ratio
 # sweep (reusing the showdown's LoRA+ runs), the weight-change study, and step times measured interleaved. To ship
-# them: cp runs/*.json src/nanopeft/lab/results/ && $(PY) -m nanopeft facts
+# them: cp runs/*.json src/nanopeft/course/results/ && make facts
 # The showdown and the sweep save every run as it ends (runs/*.json.partial): after an interruption, `make results`
 # again keeps them (--resume) and trains only what is missing.
 results: $(STAMP)
 	mkdir -p runs
-	CI=1 $(PY) -m nanopeft lr-sweep --out runs/lr_sweep.json
-	CI=1 $(PY) -m nanopeft showdown --seeds 5 --lrs runs/lr_sweep.json --out runs/showdown.json --resume
-	CI=1 $(PY) -m nanopeft loraplus-sweep --seeds 3 --lrs runs/lr_sweep.json --reuse runs/showdown.json \
+	CI=1 $(PY) -m nanopeft.course lr-sweep --out runs/lr_sweep.json
+	CI=1 $(PY) -m nanopeft.course showdown --seeds 5 --lrs runs/lr_sweep.json --out runs/showdown.json --resume
+	CI=1 $(PY) -m nanopeft.course loraplus-sweep --seeds 3 --lrs runs/lr_sweep.json --reuse runs/showdown.json \
 	  --out runs/loraplus_sweep.json --resume
-	CI=1 $(PY) -m nanopeft dora-study --seeds 3 --out runs/dora_study.json
-	CI=1 $(PY) -m nanopeft step-times --lrs runs/lr_sweep.json --out runs/step_times.json
+	CI=1 $(PY) -m nanopeft.course dora-study --seeds 3 --out runs/dora_study.json
+	CI=1 $(PY) -m nanopeft.course step-times --lrs runs/lr_sweep.json --out runs/step_times.json
+
+# Rewrite the numbers that README.md, lessons/*.md and benchmarks/README.md quote from the shipped results (the tests
+# fail while a block is stale). The tool edits the repository, so it lives in tools/, not in the installed package.
+facts: $(STAMP)
+	$(PY) tools/facts.py
 
 bench: $(STAMP)
 	$(PY) benchmarks/lora_step.py

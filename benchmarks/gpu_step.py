@@ -94,7 +94,7 @@ def main():
 
     from nanopeft import add_adapters
     from nanopeft.lab.data import load_task
-    from nanopeft.lab.experiments import hardware
+    from nanopeft.course.experiments import hardware
     from nanopeft.lab.models import load_base_model, smollm2_shaped
     from nanopeft.lab.train import encode
 

@@ -281,7 +281,7 @@ def main():
 
     from nanopeft import add_adapters
     from nanopeft.lab.data import load_task
-    from nanopeft.lab.experiments import hardware
+    from nanopeft.course.experiments import hardware
     from nanopeft.lab.models import bundled_model_folder, load_base_model
     from nanopeft.lab.train import encode
     from nanopeft.lab.twins import replay_peft_init

@@ -65,7 +65,7 @@ def main():
     if args.only:
         paths = [p for p in paths if p.stem in args.only]
     sys.path.insert(0, str(ROOT / "src"))
-    from nanopeft.lab.experiments import hardware
+    from nanopeft.course.experiments import hardware
 
     rows = []
     print(f"{'notebook':>26} {'seconds':>8} {'peak RSS':>9} {'GPU reserved':>13}   ({'short' if args.short else 'full'})")

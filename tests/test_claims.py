@@ -3,10 +3,10 @@ known numbers; the runs themselves are tested in test_experiments.py and exercis
 import numpy as np
 import pytest
 
-from nanopeft.lab.claims import advise, claims, format_claims, loraplus_speedup
-from nanopeft.lab.experiments import SHOWDOWN, Budget
-from nanopeft.lab.report import format_table, table
-from nanopeft.lab.stats import FAILS, HOLDS, UNSETTLED
+from nanopeft.course.claims import advise, claims, format_claims, loraplus_speedup
+from nanopeft.course.experiments import SHOWDOWN, Budget
+from nanopeft.course.report import format_table, table
+from nanopeft.course.stats import FAILS, HOLDS, UNSETTLED
 
 MIB = 2 ** 20
 SEEDS = range(5)

@@ -9,7 +9,7 @@ from peft import PeftModel
 
 from nanopeft import (DoRALinear, LoRALinear, add_adapters, adapter_layers, load_adapter, merge_adapters,
                       save_adapter, unmerge_adapters)
-from nanopeft.lab.analysis import WeightRecorder, magnitude_direction_change
+from nanopeft.course.analysis import WeightRecorder, magnitude_direction_change
 from nanopeft.lab.models import tiny_llama, tiny_qwen2
 from nanopeft.lab.twins import compare_with_peft, replay_peft_init
 from twins import assert_matches_peft, peft_params, twin_models
@@ -201,7 +201,7 @@ def test_weight_recorder_snapshots_the_chosen_steps():
 
 
 def test_train_only_trains_exactly_the_target_weights():
-    from nanopeft.lab.experiments import train_only
+    from nanopeft.course.experiments import train_only
 
     model = train_only(tiny_qwen2(), ("q_proj", "v_proj"))
     trainable = {n for n, p in model.named_parameters() if p.requires_grad}
@@ -211,7 +211,7 @@ def test_train_only_trains_exactly_the_target_weights():
 
 
 def test_slope_sign_and_value():
-    from nanopeft.lab.analysis import slope
+    from nanopeft.course.analysis import slope
 
     assert slope([0.0, 1.0, 2.0], [1.0, 3.0, 5.0]) == pytest.approx(2.0)
     assert slope([0.0, 1.0, 2.0, 3.0], [3.0, 2.0, 1.5, 0.0]) < 0
@@ -219,7 +219,7 @@ def test_slope_sign_and_value():
 
 @pytest.mark.slow
 def test_dora_study_records_every_target_layer_for_each_method():
-    from nanopeft.lab.experiments import dora_study
+    from nanopeft.course.experiments import dora_study
 
     result = dora_study(steps=2, seeds=[0], checkpoints=[1, 2], neuron_layers=(0,), progress=False)
     assert [r["method"] for r in result["runs"]] == ["full", "lora", "dora"]

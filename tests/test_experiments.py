@@ -7,9 +7,9 @@ import pytest
 import torch
 
 from nanopeft import adapter_layers
-from nanopeft.lab.experiments import RECIPES, SHOWDOWN, Budget, build, ratio_sweep
+from nanopeft.course.experiments import RECIPES, SHOWDOWN, Budget, build, ratio_sweep
 from nanopeft.lab.models import tiny_llama
-from nanopeft.lab.report import table
+from nanopeft.course.report import table
 
 
 @pytest.mark.parametrize("name", list(RECIPES))
@@ -30,7 +30,7 @@ def test_a_tiny_showdown_through_the_command_line(tmp_path):
     lrs = tmp_path / "lrs.json"
     lrs.write_text(json.dumps({"chosen": {"lora": 2e-3, "qlora": 2e-3}}))
     out = tmp_path / "showdown.json"
-    cmd = [sys.executable, "-m", "nanopeft", "showdown", "--methods", "lora", "qlora", "--seeds", "2", "--steps", "2",
+    cmd = [sys.executable, "-m", "nanopeft.course", "showdown", "--methods", "lora", "qlora", "--seeds", "2", "--steps", "2",
            "--tickets", "12", "--lrs", str(lrs), "--out", str(out)]
     done = subprocess.run(cmd, capture_output=True, text=True, timeout=600, env={**__import__("os").environ, "CI": "1"})
     assert done.returncode == 0, done.stderr[-2000:]
@@ -62,7 +62,7 @@ def test_a_tiny_showdown_through_the_command_line(tmp_path):
 def test_a_saved_partial_with_other_settings_is_refused(tmp_path):
     from types import SimpleNamespace
 
-    from nanopeft.__main__ import _checkpoint
+    from nanopeft.course.__main__ import _checkpoint
 
     args = SimpleNamespace(out=str(tmp_path / "sweep.json"), resume=False)
     done, save = _checkpoint(args, {"lr": 5e-4})
@@ -91,7 +91,7 @@ def test_sweep_reuses_matching_showdown_runs_only():
 
 
 def test_showdown_asks_for_every_learning_rate():
-    from nanopeft.lab.experiments import showdown
+    from nanopeft.course.experiments import showdown
 
     with pytest.raises(ValueError, match="No learning rate for"):
         showdown(SHOWDOWN, lrs={"lora": 1e-3}, base=object())
@@ -99,7 +99,7 @@ def test_showdown_asks_for_every_learning_rate():
 
 @pytest.mark.slow
 def test_step_times_are_measured_interleaved_for_every_method(tokenizer):
-    from nanopeft.lab.experiments import step_times
+    from nanopeft.course.experiments import step_times
 
     base = tiny_llama(vocab_size=len(tokenizer))  # a tiny model that reads the real prompts
     result = step_times(("lora", "qlora", "lora+"), lrs={"lora": 1e-3, "qlora": 1e-3, "lora+": 1e-3}, steps=3,

@@ -1,16 +1,31 @@
-"""The numbers in the README and the lessons that come from the results are the results' numbers."""
+"""The numbers in the README, the lessons and the benchmarks page that come from the results are the results'
+numbers; the tool that writes them (tools/facts.py) is not part of the installed package."""
+import importlib.util
+import subprocess
+import sys
 from pathlib import Path
 
 import pytest
 
-from nanopeft.lab import facts
+import nanopeft
 
 ROOT = Path(__file__).parent.parent
-DOCS = [ROOT / "README.md", *sorted((ROOT / "lessons").glob("*.md"))]
+spec = importlib.util.spec_from_file_location("facts", ROOT / "tools" / "facts.py")
+facts = importlib.util.module_from_spec(spec)
+spec.loader.exec_module(facts)
+DOCS = facts.pages()
 
 
 def test_every_generated_block_in_the_docs_equals_what_the_results_give():
-    assert facts.update(DOCS, check=True) == [], "run `python -m nanopeft facts` and commit"
+    assert facts.update(DOCS, check=True) == [], "run `make facts` and commit"
+
+
+def test_the_installed_package_has_no_command_that_writes_the_repository():
+    out = subprocess.run([sys.executable, "-m", "nanopeft", "--help"], capture_output=True, text=True, check=True)
+    commands = out.stdout.split("{", 1)[1].split("}", 1)[0].split(",")
+    assert "facts" not in commands and set(commands) <= {"demo", "plan"}, commands
+    package = Path(nanopeft.__file__).parent
+    assert not [p for p in package.rglob("*.py") if "write_text" in p.read_text() and "README" in p.read_text()]
 
 
 def test_the_docs_use_the_blocks_they_quote_from():

@@ -51,8 +51,8 @@ def test_every_notebook_opens_anywhere(path):
     for c in text:
         if c["cell_type"] == "code":
             source = "".join(c["source"])
-            assert "../" not in source and "results/" not in source.replace("lab.results", ""), \
-                f"{rel} reads a file by a relative path: ship it as package data (nanopeft.lab.results)"
+            assert "../" not in source and "results/" not in source.replace("course.results", ""), \
+                f"{rel} reads a file by a relative path: ship it as package data (nanopeft.course.results)"
 
 
 PACKAGE = ROOT / "src" / "nanopeft"
@@ -76,7 +76,7 @@ def test_notebooks_never_copy_package_code(path):
 
 
 def test_the_package_data_ships_in_the_wheel(tmp_path):
-    """What the notebooks read from nanopeft.lab.results must be in an installed (non-editable) package."""
+    """What the notebooks read from nanopeft.course.results must be in an installed (non-editable) package."""
     import subprocess
     import sys
     import zipfile
@@ -91,5 +91,5 @@ def test_the_package_data_ships_in_the_wheel(tmp_path):
                            str(tmp_path), str(source)], capture_output=True, text=True)
     assert done.returncode == 0, done.stderr[-1500:]
     names = zipfile.ZipFile(next(tmp_path.glob("nanopeft-*.whl"))).namelist()
-    shipped = {Path(n).name for n in names if "/lab/results/" in n}
+    shipped = {Path(n).name for n in names if "/course/results/" in n}
     assert {"showdown.json", "lr_sweep.json", "loraplus_sweep.json", "dora_study.json", "step_times.json"} <= shipped

@@ -4,7 +4,7 @@ import math
 import numpy as np
 import pytest
 
-from nanopeft.lab.stats import FAILS, HOLDS, UNSETTLED, Interval, exact, first_crossing, paired_bootstrap, verdict
+from nanopeft.course.stats import FAILS, HOLDS, UNSETTLED, Interval, exact, first_crossing, paired_bootstrap, verdict
 
 
 def simulated(rng, seeds, tickets, p_a, p_b, seed_sd=0.03):

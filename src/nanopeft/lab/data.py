@@ -318,7 +318,7 @@ def predict(model, tokenizer, texts, batch_size: int = 16, max_new_tokens: int =
 
 def correct(model, tokenizer, examples, batch_size: int = 16) -> list:
     """For each ticket, whether the greedy answer is exactly the right team (a list of bools, in order): what the
-    statistics resample (`nanopeft.lab.stats`)."""
+    statistics resample (`nanopeft.course.stats`)."""
     examples = check_examples(examples)
     answers = predict(model, tokenizer, [ex.text for ex in examples], batch_size=batch_size)
     return [a == ex.label for a, ex in zip(answers, examples)]

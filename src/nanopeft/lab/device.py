@@ -15,6 +15,7 @@ from __future__ import annotations
 import os
 import platform
 import sys
+import warnings
 from importlib import metadata
 
 import torch
@@ -125,3 +126,9 @@ def steps(full: int, short: int) -> int:
 def show_progress() -> bool:
     """Progress bars on, except in CI (CI is set) or with NANOPEFT_QUIET=1."""
     return not (os.environ.get("CI") or os.environ.get("NANOPEFT_QUIET") == "1")
+
+
+def quiet_upstream_warnings() -> None:
+    """Silence a warning that is not ours: peft 0.21 calls a transformers 5 property that warns of its own
+    deprecation (`is_gradient_checkpointing`), on every forward."""
+    warnings.filterwarnings("ignore", message=".*is_gradient_checkpointing.*", category=FutureWarning)

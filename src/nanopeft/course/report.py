@@ -9,7 +9,7 @@ import statistics
 
 import numpy as np
 
-from .memory import fmt_bytes
+from ..lab.memory import fmt_bytes
 from .stats import paired_bootstrap
 
 

@@ -1,7 +1,7 @@
 """The saved results of the long runs, shipped with the package so that a notebook opened anywhere (Colab, an empty
 folder after `pip install`) can read them.
 
-    showdown = load_result("showdown")      # src/nanopeft/lab/results/showdown.json
+    showdown = load_result("showdown")      # src/nanopeft/course/results/showdown.json
     result_path("lr_sweep.json")            # the path of a file in that folder
 
 Each JSON is written by the command named in RESULTS, which `python -m nanopeft` runs.
@@ -11,14 +11,14 @@ from __future__ import annotations
 import json
 from importlib import resources
 
-OUT = "--out src/nanopeft/lab/results/"  # from a source checkout
+OUT = "--out src/nanopeft/course/results/"  # from a source checkout
 RESULTS = {
-    "lr_sweep": f"python -m nanopeft lr-sweep {OUT}lr_sweep.json",
-    "showdown": f"python -m nanopeft showdown --seeds 5 {OUT}showdown.json",
-    "loraplus_sweep": f"python -m nanopeft loraplus-sweep --seeds 3 --reuse {OUT[6:]}showdown.json "
+    "lr_sweep": f"python -m nanopeft.course lr-sweep {OUT}lr_sweep.json",
+    "showdown": f"python -m nanopeft.course showdown --seeds 5 {OUT}showdown.json",
+    "loraplus_sweep": f"python -m nanopeft.course loraplus-sweep --seeds 3 --reuse {OUT[6:]}showdown.json "
                       f"{OUT}loraplus_sweep.json",
-    "dora_study": f"python -m nanopeft dora-study --seeds 3 {OUT}dora_study.json",
-    "step_times": f"python -m nanopeft step-times {OUT}step_times.json",
+    "dora_study": f"python -m nanopeft.course dora-study --seeds 3 {OUT}dora_study.json",
+    "step_times": f"python -m nanopeft.course step-times {OUT}step_times.json",
 }
 
 

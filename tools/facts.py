@@ -6,27 +6,32 @@ In a Markdown file, a block between two markers is generated:
     ...a table written by `blocks()["showdown"]`...
     <!-- /facts -->
 
-    python -m nanopeft facts            # rewrite every block in README.md and lessons/*.md from the results
-    python -m nanopeft facts --check    # exit 1 if a block differs from what the results give (a test runs this)
+    python tools/facts.py            # rewrite every block in the README, lessons/*.md and benchmarks/README.md
+    python tools/facts.py --check    # exit 1 if a block differs from what the results give (a test runs this)
+
+`make facts` runs the first. This tool edits the repository, so it is not part of the installed package.
 """
 from __future__ import annotations
 
+import argparse
 import re
+import sys
 from pathlib import Path
 
 import numpy as np
 
-from .analysis import slope
-from .claims import claims, loraplus_speedup
-from .estimates import LLAMA_7B, LLAMA_65B, NF4_BITS, gb, training_memory
-from .memory import fmt_bytes
-from .report import correct_matrix, groups, interleaved_step_time, table
-from .results import load_result
-from .stats import paired_bootstrap
+from nanopeft import METHODS
+from nanopeft.course.analysis import slope
+from nanopeft.course.claims import claims, loraplus_speedup
+from nanopeft.course.estimates import LLAMA_7B, LLAMA_65B, NF4_BITS, gb, training_memory
+from nanopeft.course.report import correct_matrix, groups, interleaved_step_time, table
+from nanopeft.course.results import load_result
+from nanopeft.course.stats import paired_bootstrap
+from nanopeft.lab.memory import fmt_bytes
 
 MARKER = re.compile(r"(<!-- facts: (?P<name>[a-z0-9-]+) -->\n)(?P<body>.*?)(<!-- /facts -->)", re.S)
-NAMES = {"full": "full fine-tuning (same matrices)", "lora": "LoRA", "dora": "DoRA", "qlora": "QLoRA",
-         "qdora": "QDoRA", "lora+": "LoRA+ (ratio 16)"}
+NAMES = {"full": "full fine-tuning (same matrices)", **{n: c.title for n, c in METHODS.items()},
+         "qlora": "QLoRA", "qdora": "QDoRA", "lora+": "LoRA+ (ratio 16)"}  # the methods' own titles from the table
 
 
 def _pct(iv) -> str:
@@ -162,7 +167,7 @@ def memory_table() -> str:
         a, b = training_memory(LLAMA_7B, key), training_memory(LLAMA_65B, key)
         lines.append(f"| {label} | {gb(a['total']):.1f} GB ({a['total'] / LLAMA_7B.params:.2f} B/param) | "
                      f"{gb(b['total']):.1f} GB |")
-    lines.append("\nComputed by `nanopeft.lab.estimates` from each model's shapes; activations not included.")
+    lines.append("\nComputed by `nanopeft.course.estimates` from each model's shapes; activations not included.")
     return "\n".join(lines)
 
 
@@ -194,3 +199,24 @@ def update(paths, check: bool = False) -> list:
             if not check:
                 path.write_text(new)
     return stale
+
+
+ROOT = Path(__file__).resolve().parent.parent
+PAGES = ["README.md", "benchmarks/README.md", "lessons/*.md"]  # the files whose facts blocks are generated
+
+
+def pages() -> list:
+    return [p for pattern in PAGES for p in sorted(ROOT.glob(pattern))]
+
+
+def main(argv=None) -> int:
+    parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    parser.add_argument("--check", action="store_true", help="exit 1 if a block differs from the results")
+    args = parser.parse_args(argv)
+    stale = update(pages(), check=args.check)
+    print(("differ from the results: " if args.check else "rewrote: ") + (", ".join(stale) or "nothing"))
+    return 1 if args.check and stale else 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())

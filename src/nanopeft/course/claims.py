@@ -4,7 +4,7 @@
     print(format_claims(rows))
     print(advise("memory", result, model_billions=7, gpu_gb=15))
 
-Every verdict comes from one rule (`nanopeft.lab.stats.verdict`): the claim is a range for an effect, and it holds
+Every verdict comes from one rule (`nanopeft.course.stats.verdict`): the claim is a range for an effect, and it holds
 when the whole 95% interval of the measured effect lies in that range, does not hold when the interval lies
 wholly outside, and is not settled otherwise. Quantities without sampling noise (parameter counts, bytes) have
 intervals of width zero; figures computed rather than measured (7B, 65B) say so.
@@ -101,7 +101,7 @@ def claims(showdown: dict, timings: dict | None = None) -> list:
             f"counts as {cfg['steps'] + cfg['eval_every']} steps", s["interval"].format(digits=2, unit="x"),
             "speed-up >= 1.5", verdict(s["interval"], 1.5))
 
-    # memory: bytes counted exactly here, and the large models computed (nanopeft.lab.estimates)
+    # memory: bytes counted exactly here, and the large models computed (nanopeft.course.estimates)
     f = rows["qlora"]["memory"]["frozen weights"] / rows["lora"]["memory"]["frozen weights"]
     q7, l7 = training_memory(LLAMA_7B, "qlora"), training_memory(LLAMA_7B, "lora-16bit")
     add("QLoRA cuts memory a lot (7B: ~6 GB instead of ~16 GB)", "seed article 'variants'",

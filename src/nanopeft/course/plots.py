@@ -7,8 +7,8 @@ from __future__ import annotations
 import statistics
 
 from .analysis import slope
-from .live import PART_COLORS
-from .memory import COUNTED
+from ..lab.live import PART_COLORS
+from ..lab.memory import COUNTED
 from .report import groups, table
 from .stats import curve_at
 

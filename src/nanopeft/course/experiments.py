@@ -3,14 +3,14 @@
     model, optimizer = build("qlora", base, lr=1e-3)                  # a recipe -> model + optimizer
     run = run_method("qlora", base, tokenizer, task, seed=0, lr=1e-3) # train, score, measure: a JSON-ready dict
     sweep = lr_sweep(SHOWDOWN)                   # each method's learning rate, chosen on the validation split
-    result = showdown(SHOWDOWN, seeds=range(5), lrs=sweep["chosen"])  # `python -m nanopeft showdown`
+    result = showdown(SHOWDOWN, seeds=range(5), lrs=sweep["chosen"])  # `python -m nanopeft.course showdown`
     ratios = ratio_sweep((1, 2, 4, 8, 16, 32), seeds=range(3), lr=...)    # LoRA+ ratios
     study = dora_study(seeds=range(3))           # how the weights move: full fine-tuning, LoRA, DoRA
 
 Every run starts from the same pretrained weights and trains on the same batches (same seed) for the same budget;
 only the recipe and its learning rate differ. The validation split is scored every `eval_every` steps (the curve,
 and the choice of learning rates); the test split is scored once, at the end, ticket by ticket (what
-`nanopeft.lab.stats` resamples).
+`nanopeft.course.stats` resamples).
 """
 from __future__ import annotations
 
@@ -33,31 +33,30 @@ from ..peft_format import save_adapter
 from ..qlora import prepare_for_kbit_training, quantize_model
 from ..targets import find_targets
 from .analysis import WeightRecorder, per_neuron_change
-from .data import correct, evaluate, load_task
-from .memory import COUNTED
-from .models import load_base_model
-from .train import encode, summarize, train, training_step
+from ..lab.data import correct, evaluate, load_task
+from ..lab.memory import COUNTED
+from ..lab.models import load_base_model
+from ..lab.train import encode, summarize, train, training_step
 
 
 @dataclass(frozen=True)
 class Recipe:
     """What a method is, as far as training goes."""
 
-    adapter: str | None  # "lora" or "dora"; None: full fine-tuning of the target matrices (the baseline)
+    adapter: str | None  # a method in nanopeft.METHODS; None: full fine-tuning of the target matrices (the baseline)
     four_bit: bool = False  # quantize the base to NF4 (blocks of 64, double quantization) first: QLoRA, QDoRA
     loraplus_ratio: float | None = None  # B's learning rate = ratio x A's (LoRA+); None: one learning rate
 
 
 RECIPES = {
     "full": Recipe(None),
-    "lora": Recipe("lora"),
-    "dora": Recipe("dora"),
+    **{name: Recipe(name) for name in METHODS},  # every method in the table: "lora", "dora", "pissa"
     "qlora": Recipe("lora", four_bit=True),
     "qdora": Recipe("dora", four_bit=True),
     "lora+": Recipe("lora", loraplus_ratio=16),
     "qlora+lora+": Recipe("lora", four_bit=True, loraplus_ratio=16),
 }
-SHOWDOWN = ("full", "lora", "dora", "qlora", "qdora", "lora+")  # the methods of `python -m nanopeft showdown`
+SHOWDOWN = ("full", "lora", "dora", "qlora", "qdora", "lora+")  # the methods of `python -m nanopeft.course showdown`
 
 
 @dataclass(frozen=True)
@@ -73,10 +72,10 @@ class Budget:
 
 # Learning-rate grids for `lr_sweep`: four points, a factor of 2 apart, around each kind of method's usual range.
 # Every method gets the same number of points and the same budget; LoRA+'s grid is for A (B trains 16x faster).
+ADAPTER_GRID = (5e-4, 1e-3, 2e-3, 4e-3)
 LR_GRIDS = {
     "full": (2.5e-5, 5e-5, 1e-4, 2e-4),
-    "lora": (5e-4, 1e-3, 2e-3, 4e-3), "dora": (5e-4, 1e-3, 2e-3, 4e-3),
-    "qlora": (5e-4, 1e-3, 2e-3, 4e-3), "qdora": (5e-4, 1e-3, 2e-3, 4e-3),
+    **{name: ADAPTER_GRID for name in RECIPES if name != "full"},  # every adapter method: the same four points
     "lora+": (1.25e-4, 2.5e-4, 5e-4, 1e-3), "qlora+lora+": (1.25e-4, 2.5e-4, 5e-4, 1e-3),
 }
 
