@@ -115,3 +115,13 @@ def test_guide_takes_step_times_from_the_interleaved_timings_when_given():
     assert "2.00x the step time" in advise("quality", result, model_billions=1, gpu_gb=80)
     timings = {"times": {m: [9.0] + [1.3 if m == "dora" else 1.0] * 11 for m in SHOWDOWN}}  # interleaved: 1.3x
     assert "1.30x the step time" in advise("quality", result, model_billions=1, gpu_gb=80, timings=timings)
+
+
+def test_every_claim_is_data_that_names_its_sources_by_title():
+    from nanopeft.course.claims import Quantities, load_claims
+
+    data = load_claims()
+    for entry in data["claims"]:
+        assert entry["sources"] and all(k in data["sources"] for k in entry["sources"]), entry["claim"]
+        assert hasattr(Quantities, entry["quantity"]), f"{entry['claim']}: no quantity {entry['quantity']!r}"
+    assert all('"' in citation for citation in data["sources"].values() if "untitled" not in citation)

@@ -1,4 +1,8 @@
-"""The claims our learners read, each set against what a saved showdown measured, and the decision guide.
+"""The claims learners arrive with, each set against what a saved showdown measured, and the decision guide.
+
+The claims themselves -- their words, their sources by title and author, what is measured and the range that would
+make them true -- are data, in claims.json: rewording a claim never means editing Python. This file computes the
+quantities they name and gives each its verdict.
 
     rows = claims(load_result("showdown"))      # pure functions of saved results: same numbers, same verdicts
     print(format_claims(rows))
@@ -11,7 +15,9 @@ intervals of width zero; figures computed rather than measured (7B, 65B) say so.
 """
 from __future__ import annotations
 
+import json
 import math
+from importlib import resources
 
 from .estimates import LLAMA_7B, LLAMA_65B, NF4_BITS, gb, training_memory
 from .report import correct_matrix, groups, interleaved_step_time, table, time_matrix
@@ -26,117 +32,106 @@ GPU_SHARE = 0.8  # the advice's rule of thumb: the weights and adapter states ma
 #                  for activations (which grow with batch x length) and the CUDA context (about 0.5 GB)
 
 
+CONSTANTS = {"CLOSE": CLOSE, "-CLOSE": -CLOSE, "NEAR": NEAR, "COMPARABLE": COMPARABLE}
+CLAIMS_FILE = resources.files(__package__) / "claims.json"  # the claims' words, sources and rules: data, not code
+
+
+def load_claims() -> dict:
+    """{"sources": {key: citation}, "claims": [entry, ...]} from claims.json. Each entry: the claim as its source
+    words it, the keys of its sources, the measured `quantity` (a function below) and its `args`, a `measured`
+    template filled with what the quantity reports, and the `rule`: the range [low, high] the effect must lie in
+    (a number, or the name of a constant above) and how the page says it."""
+    return json.loads(CLAIMS_FILE.read_text())
+
+
 def claims(showdown: dict, timings: dict | None = None) -> list:
-    """Each claim with: claim, source, measured, interval (text), rule, verdict.
+    """Each claim in claims.json with: claim, source, measured, interval (text), rule, verdict.
 
     timings: a `step_times` result (methods timed step by step, interleaved); the step-time claims use it when
     given, else the showdown's own step times (runs apart in time, so other work on the machine weighs in)."""
-    by = groups(showdown)
-    rows = {r["method"]: r for r in table(showdown)}
-    cfg = showdown["config"]
-    hw = cfg["hardware"]
-    where = hw.get("gpu") or f"{hw['cpu_count']}-core CPU"
+    data = load_claims()
+    q = Quantities(showdown, timings)
+    constants = {**CONSTANTS, "CLOSE_PTS": f"{CLOSE * 100:.0f}"}
     out = []
-
-    def add(claim, source, measured, interval, rule, result):
-        out.append({"claim": claim, "source": source, "measured": measured, "interval": interval, "rule": rule,
-                    "verdict": result})
-
-    def accuracy_gap(a, b):
-        return paired_bootstrap(correct_matrix(by[a]), correct_matrix(by[b]))
-
-    def time_ratio(a, b):
-        if timings is not None:  # one row of interleaved steps, the first (warm-up) one dropped
-            return paired_bootstrap([timings["times"][a][1:]], [timings["times"][b][1:]], kind="ratio")
-        return paired_bootstrap(time_matrix(by[a]), time_matrix(by[b]), kind="ratio")
-
-    timed = "timed step by step, interleaved," if timings is not None else "during the showdown,"
-
-    def pct(i):
-        return i.format(100, " pts")
-
-    t = time_ratio("dora", "lora")
-    add("DoRA is 1.3-1.5x slower than LoRA per step", "seed article 'real differences'",
-        f"DoRA / LoRA step time, {timed} on this {where}, all linear layers, r={cfg['r']} (on a GPU the ratio "
-        f"differs: benchmarks/dora_step.py)", t.format(digits=2, unit="x"), "ratio in [1.3, 1.5]",
-        verdict(t, 1.3, 1.5))
-    add("DoRA trains at near the same speed as LoRA", "seed article 'compared'",
-        f"DoRA / LoRA step time, {timed} on this {where}", t.format(digits=2, unit="x"), f"ratio <= {NEAR}",
-        verdict(t, 0, NEAR))
-    p = rows["dora"]["trainable_parameters"] / rows["lora"]["trainable_parameters"] - 1
-    add("DoRA adds under 5% trainable parameters", "seed article 'variants'",
-        f"m adds `out` numbers per layer to LoRA's r x (in + out): +{p:.1%} at r={cfg['r']} (the share halves each "
-        f"time r doubles)", exact(p).format(100, "%"), "extra share < 5%", verdict(exact(p), -math.inf, 0.05))
-    m = rows["dora"]["total_memory"] / rows["lora"]["total_memory"]
-    add("DoRA's memory is comparable to LoRA's", "seed article 'compared'",
-        f"all tensors, DoRA / LoRA: the adapters are alike, the activations are not "
-        f"({rows['dora']['memory']['activations'] / 2**20:.0f} vs {rows['lora']['memory']['activations'] / 2**20:.0f} "
-        f"MiB at batch {cfg['batch_size']})", exact(m).format(digits=2, unit="x"), f"ratio <= {COMPARABLE}",
-        verdict(exact(m), 0, COMPARABLE))
-    d = accuracy_gap("dora", "lora")
-    add("On small data DoRA beats LoRA at the same rank, and not subtly", "seed article 'real differences'",
-        f"test accuracy, DoRA - LoRA, each at its own learning rate, {len(cfg['seeds'])} seeds x "
-        f"{cfg['test_tickets']} tickets", pct(d), "difference > 0", verdict(d, 1e-9, 1))
-    d = accuracy_gap("qlora", "lora")
-    add("QLoRA's quality stays very close to LoRA's", "seed articles 'variants', 'compared'",
-        "test accuracy, QLoRA - LoRA", pct(d), f"|difference| <= {CLOSE * 100:.0f} pts", verdict(d, -CLOSE, CLOSE))
-    q = time_ratio("qlora", "lora")
-    add("QLoRA is slower (quantize/dequantize overhead)", "seed article 'compared'",
-        f"QLoRA / LoRA step time, {timed} on this {where}", q.format(digits=2, unit="x"), "ratio > 1",
-        verdict(q, 1 + 1e-9))
-    d = accuracy_gap("qdora", "full")
-    add("QDoRA can match or surpass full fine-tuning", "seed article 'compared'",
-        "test accuracy, QDoRA - full fine-tuning of the same matrices", pct(d), f"difference >= -{CLOSE * 100:.0f} pts",
-        verdict(d, -CLOSE, 1))
-    if "lora+" in by:
-        d = accuracy_gap("lora+", "lora")
-        add("LoRA+ improves on LoRA (not just through a larger learning rate)", "LoRA+ paper",
-            "test accuracy, LoRA+ - LoRA, each at the learning rate its own sweep chose", pct(d), "difference > 0",
-            verdict(d, 1e-9, 1))
-        s = loraplus_speedup(showdown)
-        add("LoRA+ reaches the same quality 1.5-2x faster (paper: up to 2x, ratio ~16)",
-            "seed article 'variants'; LoRA+ paper",
-            f"steps for LoRA / steps for LoRA+ to first reach LoRA's final validation accuracy "
-            f"({s['target']:.1%}), validation scored every {cfg['eval_every']} steps; a run that never reaches it "
-            f"counts as {cfg['steps'] + cfg['eval_every']} steps", s["interval"].format(digits=2, unit="x"),
-            "speed-up >= 1.5", verdict(s["interval"], 1.5))
-
-    # memory: bytes counted exactly here, and the large models computed (nanopeft.course.estimates)
-    f = rows["qlora"]["memory"]["frozen weights"] / rows["lora"]["memory"]["frozen weights"]
-    q7, l7 = training_memory(LLAMA_7B, "qlora"), training_memory(LLAMA_7B, "lora-16bit")
-    add("QLoRA cuts memory a lot (7B: ~6 GB instead of ~16 GB)", "seed article 'variants'",
-        f"frozen weights here {f:.2f}x LoRA's (a fifth of this small model is its float32 embedding table); "
-        f"computed for {LLAMA_7B.name}, r=8, before activations: QLoRA {gb(q7['total']):.1f} GB, LoRA on a "
-        f"16-bit base {gb(l7['total']):.1f} GB", exact(q7["total"] / l7["total"]).format(digits=2, unit="x"),
-        "QLoRA under half of LoRA (computed)", verdict(exact(q7["total"] / l7["total"]), 0, 0.5))
-    for r in (8, 64):
-        q65 = training_memory(LLAMA_65B, "qlora", r=r)
-        add(f"A 65B model fine-tunes on one 48 GB GPU with QLoRA (adapters r={r})",
-            "QLoRA paper; seed article 'compared'",
-            f"computed for {LLAMA_65B.name}: NF4 weights {gb(q65['weights']):.1f} GB, adapters with gradients and "
-            f"AdamW state {gb(q65['total'] - q65['weights']):.1f} GB; activations come on top (the paper adds "
-            f"gradient checkpointing and paged optimizers)", f"{gb(q65['total']):.1f} GB before activations",
-            "total < 48 GB (computed)", verdict(exact(q65["total"]), 0, 48e9))
-    full7 = training_memory(LLAMA_7B, "full-mixed")
-    add("7B full fine-tuning in fp16 needs ~28 GB", "seed article 'compared' (memory table)",
-        f"computed for {LLAMA_7B.name}, mixed precision with AdamW: 16 bytes per parameter (weights, gradients, "
-        f"a float32 master copy, two moments) = {gb(full7['total']):.0f} GB before activations; ~28 GB counts the "
-        f"16-bit weights and gradients only", f"{gb(full7['total']):.0f} GB", "total <= 28 GB (computed)",
-        verdict(exact(gb(full7["total"])), 0, 28))
-    add("7B LoRA in fp16 needs ~14 GB", "seed article 'compared' (memory table)",
-        f"computed for {LLAMA_7B.name}: 16-bit weights {gb(l7['weights']):.1f} GB, adapters r=8 with gradients "
-        f"and AdamW state {gb(l7['total'] - l7['weights']):.2f} GB; activations come on top (here "
-        f"{rows['lora']['memory']['activations'] / 2**20:.0f} MiB at batch {cfg['batch_size']})",
-        f"{gb(l7['total']):.1f} GB", "total <= 15 GB (computed)", verdict(exact(gb(l7["total"])), 0, 15))
-    n = rows["full"]["trainable_parameters"]  # the quantized weights: full fine-tuning trains the same matrices
-    kept = rows["lora"]["memory"]["frozen weights"] - 4 * n  # the float32 model minus its linear layers
-    bits = 8 * (rows["qlora"]["memory"]["frozen weights"] - kept) / n
-    saved = 4.5 - bits
-    add("Double quantization saves 0.373 bits per parameter (~3 GB at 65B)", "QLoRA paper; seed article 'compared'",
-        f"{bits:.3f} bits per quantized weight in this run's QLoRA model against 4 + 32/64 = 4.500 without double "
-        f"quantization: {saved * 65e9 / 8 / 1e9:.2f} GB at 65B", exact(saved).format(digits=3, unit=" bits"),
-        "saving within 0.001 of 0.373", verdict(exact(saved), 0.372, 0.374))
+    for entry in data["claims"]:
+        if entry.get("needs") and entry["needs"] not in q.by:
+            continue
+        interval, shown, values = getattr(q, entry["quantity"])(*entry["args"])
+        rule = entry["rule"]
+        low, high = (CONSTANTS.get(rule.get(k), rule.get(k, d)) for k, d in (("low", -math.inf), ("high", math.inf)))
+        out.append({"claim": entry["claim"], "source": "; ".join(data["sources"][k] for k in entry["sources"]),
+                    "measured": entry["measured"].format(**q.context, **values), "interval": shown,
+                    "rule": rule["says"].format(**constants), "verdict": verdict(interval, low, high)})
     return out
+
+
+class Quantities:
+    """The measured quantities the claims name: each returns (interval, the effect as shown, values for the
+    `measured` text). Context every text may use: timed, where, r, batch, seeds, tickets."""
+
+    def __init__(self, showdown: dict, timings: dict | None):
+        self.showdown, self.timings = showdown, timings
+        self.by, self.rows, cfg = groups(showdown), {r["method"]: r for r in table(showdown)}, showdown["config"]
+        hw = cfg["hardware"]
+        self.context = {"timed": "timed step by step, interleaved," if timings is not None else "during the showdown,",
+                        "where": hw.get("gpu") or f"{hw['cpu_count']}-core CPU", "r": cfg["r"],
+                        "batch": cfg["batch_size"], "seeds": len(cfg["seeds"]), "tickets": cfg["test_tickets"]}
+
+    def step_time_ratio(self, a, b):
+        if self.timings is not None:  # one row of interleaved steps, the first (warm-up) one dropped
+            t = paired_bootstrap([self.timings["times"][a][1:]], [self.timings["times"][b][1:]], kind="ratio")
+        else:
+            t = paired_bootstrap(time_matrix(self.by[a]), time_matrix(self.by[b]), kind="ratio")
+        return t, t.format(digits=2, unit="x"), {}
+
+    def extra_parameters(self, a, b):
+        share = self.rows[a]["trainable_parameters"] / self.rows[b]["trainable_parameters"] - 1
+        return exact(share), exact(share).format(100, "%"), {"share": share}
+
+    def memory_ratio(self, a, b):
+        m = exact(self.rows[a]["total_memory"] / self.rows[b]["total_memory"])
+        return m, m.format(digits=2, unit="x"), {"activations_a": self.rows[a]["memory"]["activations"] / 2**20,
+                                                 "activations_b": self.rows[b]["memory"]["activations"] / 2**20}
+
+    def accuracy_gap(self, a, b):
+        d = paired_bootstrap(correct_matrix(self.by[a]), correct_matrix(self.by[b]))
+        return d, d.format(100, " pts"), {}
+
+    def loraplus_speedup(self):
+        s = loraplus_speedup(self.showdown)
+        cfg = self.showdown["config"]
+        return s["interval"], s["interval"].format(digits=2, unit="x"), {
+            "target": s["target"], "eval_every": cfg["eval_every"], "never": cfg["steps"] + cfg["eval_every"]}
+
+    def qlora_7b_share(self):
+        q7, l7 = training_memory(LLAMA_7B, "qlora"), training_memory(LLAMA_7B, "lora-16bit")
+        share = exact(q7["total"] / l7["total"])
+        frozen = self.rows["qlora"]["memory"]["frozen weights"] / self.rows["lora"]["memory"]["frozen weights"]
+        return share, share.format(digits=2, unit="x"), {"frozen_ratio": frozen, "model": LLAMA_7B.name,
+                                                         "qlora_gb": gb(q7["total"]), "lora_gb": gb(l7["total"])}
+
+    def qlora_65b_total(self, r):
+        q65 = training_memory(LLAMA_65B, "qlora", r=r)
+        return exact(q65["total"]), f"{gb(q65['total']):.1f} GB before activations", {
+            "model": LLAMA_65B.name, "weights_gb": gb(q65["weights"]), "rest_gb": gb(q65["total"] - q65["weights"])}
+
+    def full_7b_gb(self):
+        total = gb(training_memory(LLAMA_7B, "full-mixed")["total"])
+        return exact(total), f"{total:.0f} GB", {"model": LLAMA_7B.name, "total_gb": total}
+
+    def lora_7b_gb(self):
+        l7 = training_memory(LLAMA_7B, "lora-16bit")
+        return exact(gb(l7["total"])), f"{gb(l7['total']):.1f} GB", {
+            "model": LLAMA_7B.name, "weights_gb": gb(l7["weights"]), "rest_gb": gb(l7["total"] - l7["weights"]),
+            "activations": self.rows["lora"]["memory"]["activations"] / 2**20}
+
+    def double_quant_saving(self):
+        rows = self.rows
+        n = rows["full"]["trainable_parameters"]  # the quantized weights: full fine-tuning trains the same matrices
+        kept = rows["lora"]["memory"]["frozen weights"] - 4 * n  # the float32 model minus its linear layers
+        bits = 8 * (rows["qlora"]["memory"]["frozen weights"] - kept) / n
+        saved = exact(4.5 - bits)
+        return saved, saved.format(digits=3, unit=" bits"), {"bits": bits, "gb_65b": (4.5 - bits) * 65e9 / 8 / 1e9}
 
 
 def loraplus_speedup(showdown: dict) -> dict:
