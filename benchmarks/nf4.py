@@ -7,9 +7,9 @@
 
 1. Quantize and dequantize (NF4, blocks of 64, double quantization) on the bundled model's weight matrices (210 of
    them, each of the four shapes timed), interleaved runs, medians; ratio = our time / bitsandbytes'.
-   CPU: ours (PyTorch) against bitsandbytes' C kernel (AVX512 here) and its own PyTorch path; ours also as it was
-   before its lookup was split into one row per block (a flat `index_select`, one thread).
-   CUDA: ours in PyTorch, ours as one Triton kernel (nanopeft/nf4_triton.py) and, with --compile, the PyTorch
+   CPU: ours (kernel="gather", the default there: nf4_fast.py; and kernel="torch", the readable steps of nf4.py)
+   against bitsandbytes' C kernel (AVX512 or AVX2, by the CPU) and its own PyTorch path.
+   CUDA: ours in PyTorch, ours as one Triton kernel (nanopeft/nf4_triton.py) and, with --compile, the readable
    version through torch.compile, against bitsandbytes' CUDA kernel; throughput in GB/s against the bandwidth a
    plain device-to-device copy reaches in the same run. Targets: CPU dequantize <= 2, quantize <= 1; CUDA <= 1.2.
 2. A QLoRA training step (all linear layers, r=8, a batch of real tickets): ours (`quantize_model` + `add_adapters`)
@@ -61,8 +61,8 @@ def throughput(model, device, repeats, compile_):
         if isinstance(m, torch.nn.Linear) and not name.endswith("lm_head"):
             shapes.setdefault(tuple(m.weight.shape), []).append(m.weight.detach())
     ours = {"torch": lambda q: dequantize_nf4(q, kernel="torch")}
-    if device.type == "cpu":  # the previous arrangement, timed in the same run
-        ours["flat index_select"] = flat_dequantize
+    if device.type == "cpu":  # the default on a CPU
+        ours["gather"] = lambda q: dequantize_nf4(q, kernel="gather")
     if device.type == "cuda":
         ours["triton"] = lambda q: dequantize_nf4(q, kernel="triton")
     if compile_:
@@ -126,62 +126,6 @@ def throughput(model, device, repeats, compile_):
         print(f"  against bitsandbytes' own PyTorch path: ratio "
               f"{totals['dequantize ours torch'] / totals['dequantize bnb torch']:.2f}")
     nearest_level_ways(model, device, repeats)
-    if device.type == "cpu":
-        gather_floor(model, device, repeats)
-
-
-def flat_dequantize(q):
-    """`dequantize_nf4` with the previous round's lookup (this round's absmax decoding): one flat `index_select` of
-    the whole packed weight, which PyTorch runs on one thread, instead of a `torch.gather` of one row per block."""
-    from nanopeft.nf4 import _code_on, scale_blocks_
-
-    words = _code_on("nf4-pairs", q.packed.device).view(torch.int64).view(-1)  # (256,)
-    values = words.index_select(0, q.packed.view(-1).int()).view(torch.float32)[: q.numel]
-    return scale_blocks_(values, q.block_absmax(), q.blocksize).view(q.shape).to(q.dtype)
-
-
-def gather_floor(model, device, repeats):
-    """How close a PyTorch gather gets to bitsandbytes' C kernel on the CPU: on the largest matrix, the gather alone (what
-    ours does: `torch.gather` of the 256-entry table of value pairs, one row of 32 bytes per block, split across the
-    CPU threads) against bitsandbytes' whole dequantize (its kernel is split across the threads too), and three
-    other arrangements: the flat `index_select` of the last round (one thread), a 65,536-entry table (one gather
-    per two bytes, one row per block) and torch.compile of ours."""
-    import bitsandbytes.functional as bf
-
-    from nanopeft.nf4 import _code_on, dequantize_nf4, quantize_nf4
-
-    w = max((m.weight.detach() for n, m in model.named_modules()
-             if isinstance(m, torch.nn.Linear) and not n.endswith("lm_head")), key=torch.numel).to(device)
-    q = quantize_nf4(w, double_quant=True)
-    packed, state = bf.quantize_4bit(w, blocksize=64, quant_type="nf4", compress_statistics=True)
-    words = _code_on("nf4-pairs", device).view(torch.int64).view(-1)  # (256,) both values of a byte in 8 bytes
-    code = _code_on("nf4", device)
-    v = torch.arange(65536)
-    b0, b1 = v & 255, v >> 8  # two bytes, little-endian, as an int16 view reads them
-    quads = torch.stack([code[b0 >> 4], code[b0 & 15], code[b1 >> 4], code[b1 & 15]], 1).contiguous()
-    quads = quads.view(torch.complex128).view(-1)  # (65536,) four values in 16 bytes
-    rows = words.view(1, 256).expand(q.packed.numel() // 32, 256)  # the table once per row of 32 bytes (a view)
-    absmax = q.block_absmax()
-
-    def two_bytes():  # one row of 16 two-byte words per block, as ours gathers, so it is split across threads too
-        index = q.packed.view(-1).view(torch.int16).view(-1, 16).long() & 0xFFFF
-        values = torch.gather(quads.view(1, -1).expand(index.shape[0], -1), 1, index).view(torch.float32)
-        return values.view(-1, 64).mul_(absmax.view(-1, 1))
-
-    compiled = torch.compile(lambda q: dequantize_nf4(q, kernel="torch"), dynamic=False)
-    assert torch.equal(two_bytes().view(w.shape), dequantize_nf4(q)) and torch.equal(compiled(q), dequantize_nf4(q))
-    assert torch.equal(flat_dequantize(q), dequantize_nf4(q))
-    t = {}
-    for _ in range(2):
-        t["gather alone"] = timeit(lambda: torch.gather(rows, 1, q.packed.view(-1, 32).long()), repeats, device)
-        t["flat index_select"] = timeit(lambda: words.index_select(0, q.packed.view(-1).int()), repeats, device)
-        t["bnb dequantize"] = timeit(lambda: bf.dequantize_4bit(packed, state), repeats, device)
-        t["ours"] = timeit(lambda: dequantize_nf4(q), repeats, device)
-        t["two-byte table"] = timeit(two_bytes, repeats, device)
-        t["torch.compile of ours"] = timeit(lambda: compiled(q), repeats, device)
-    print(f"  dequantize floor on {tuple(w.shape)} ({q.packed.numel():,} bytes): " +
-          ", ".join(f"{k} {v * 1e3:.3f} ms" for k, v in t.items()) +
-          f" -> the gather alone is {t['gather alone'] / t['bnb dequantize']:.1f}x bitsandbytes' whole dequantize")
 
 
 def nearest_level_ways(model, device, repeats):

@@ -1,6 +1,7 @@
 """The package's shape, checked by reading its source (ast): what the methods may import, no import circle, no
 package import hidden in a function, no file too long to read in one sitting."""
 import ast
+import re
 from pathlib import Path
 
 import pytest
@@ -10,8 +11,8 @@ import nanopeft
 PACKAGE = Path(nanopeft.__file__).parent
 MODULES = {".".join(p.relative_to(PACKAGE.parent).with_suffix("").parts): p for p in PACKAGE.rglob("*.py")}
 # the files of the course: what each paper is, readable with only torch in mind
-METHODS = {f"nanopeft.{m}" for m in ("lora", "dora", "nf4", "nf4_triton", "qlora", "loraplus", "adapters", "targets",
-                                     "peft_format")}
+METHODS = {f"nanopeft.{m}" for m in ("lora", "dora", "dora_fast", "pissa", "nf4", "nf4_fast", "nf4_triton", "qlora",
+                                     "loraplus", "adapters", "targets", "peft_format")}
 METHOD_THIRD_PARTY = {"torch", "__future__", "math", "dataclasses", "functools", "copy", "re", "json",
                       "os", "tempfile", "pathlib"}
 EXTRA_THIRD_PARTY = {"nanopeft.nf4_triton": {"triton"}, "nanopeft.peft_format": {"safetensors"}}
@@ -128,3 +129,27 @@ def test_every_public_name_of_the_first_release_still_works():
              "create_loraplus_optimizer", "loraplus_param_groups"]
     assert all(callable(getattr(nanopeft, name)) for name in names)
     assert set(names) <= set(nanopeft.__all__)
+
+
+def test_benchmarks_use_the_package_as_a_learner_would():
+    """Benchmarks import public names only: what they time is what a learner calls."""
+    for path in (PACKAGE.parent.parent / "benchmarks").glob("*.py"):
+        for node in ast.walk(ast.parse(path.read_text())):
+            if isinstance(node, ast.ImportFrom) and (node.module or "").startswith("nanopeft"):
+                private = [a.name for a in node.names if a.name.startswith("_")]
+                assert not private, f"{path.name}:{node.lineno} imports private {private} from {node.module}"
+
+
+def test_the_method_folder_stays_small():
+    methods = [p for p in PACKAGE.glob("*.py") if not p.name.startswith("__")]
+    assert len(methods) <= 12, sorted(p.name for p in methods)
+    for p in methods:
+        assert len(p.read_text().splitlines()) <= 300, f"{p.name}: over 300 lines"
+
+
+def test_the_name_to_class_map_is_written_once():
+    """Only the METHODS table in adapters.py maps method names to classes; everything else reads it."""
+    pattern = re.compile(r"""["'](lora|dora|pissa)["']\s*:\s*(LoRALinear|DoRALinear|PiSSALinear)\b""")
+    found = [(p.name, m.group(0)) for p in PACKAGE.rglob("*.py") for m in pattern.finditer(p.read_text())]
+    assert not found, found
+    assert "METHODS = {cls.name: cls for cls in (" in (PACKAGE / "adapters.py").read_text()

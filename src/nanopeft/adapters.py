@@ -245,8 +245,7 @@ def _keeps_the_fused_path_off(module, args):
 
 
 def _layers_or_raise(model) -> dict:
-    layers = adapter_layers(model)
-    if not layers:
+    if not (layers := adapter_layers(model)):
         raise ValueError("This model has no adapters: call add_adapters(model, ...) first.")
     return layers
 
