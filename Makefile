@@ -52,7 +52,8 @@ lab: $(STAMP)
 
 # The long experiments whose results ship in src/nanopeft/course/results/ (about 5 hours on a 2-core CPU), written to
 # runs/: each method's learning rate on the validation split, the 5-seed showdown at those rates, the LoRA+ ratio
-# sweep (reusing the showdown's LoRA+ runs), the weight-change study, and step times measured interleaved. To ship
+# sweep (reusing the showdown's LoRA+ runs), the weight-change study, step times measured interleaved, and
+# PiSSA's own learning-rate sweep and 3 seeds (compared with the showdown's LoRA runs of the same seeds). To ship
 # them: cp runs/*.json src/nanopeft/course/results/ && make facts
 # The showdown and the sweep save every run as it ends (runs/*.json.partial): after an interruption, `make results`
 # again keeps them (--resume) and trains only what is missing.
@@ -64,6 +65,9 @@ results: $(STAMP)
 	  --out runs/loraplus_sweep.json --resume
 	CI=1 $(PY) -m nanopeft.course dora-study --seeds 3 --out runs/dora_study.json
 	CI=1 $(PY) -m nanopeft.course step-times --lrs runs/lr_sweep.json --out runs/step_times.json
+	CI=1 $(PY) -m nanopeft.course lr-sweep --methods pissa --out runs/pissa_lr_sweep.json
+	CI=1 $(PY) -m nanopeft.course showdown --methods pissa --seeds 3 --lrs runs/pissa_lr_sweep.json \
+	  --out runs/pissa_showdown.json --resume
 
 # Rewrite the numbers that README.md, lessons/*.md and benchmarks/README.md quote from the shipped results (the tests
 # fail while a block is stale). The tool edits the repository, so it lives in tools/, not in the installed package.

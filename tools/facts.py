@@ -26,7 +26,7 @@ from nanopeft.course.claims import claims, loraplus_speedup
 from nanopeft.course.estimates import LLAMA_7B, LLAMA_65B, NF4_BITS, gb, training_memory
 from nanopeft.course.report import correct_matrix, groups, interleaved_step_time, table
 from nanopeft.course.results import load_result
-from nanopeft.course.stats import paired_bootstrap
+from nanopeft.course.stats import paired_bootstrap, verdict
 from nanopeft.lab.memory import fmt_bytes
 
 MARKER = re.compile(r"(<!-- facts: (?P<name>[a-z0-9-]+) -->\n)(?P<body>.*?)(<!-- /facts -->)", re.S)
@@ -171,6 +171,37 @@ def memory_table() -> str:
     return "\n".join(lines)
 
 
+def pissa_lines(sweep, pissa_sweep, pissa, result) -> str:
+    """PiSSA against LoRA on the ticket task: the same budget and the same four learning rates tried on the
+    validation split; then test accuracy over the seeds PiSSA ran, paired with LoRA's runs of the same seeds."""
+    lora_sweep = {r["lr"]: r["validation_accuracy"] for r in sweep["runs"] if r["method"] == "lora"}
+    grid = pissa_sweep["config"]["grids"]["pissa"]
+    pissa_sweep = {r["lr"]: r["validation_accuracy"] for r in pissa_sweep["runs"]}
+    lines = ["| learning rate | " + " | ".join(f"{lr:g}" for lr in grid) + " |", "|---" * (len(grid) + 1) + "|"]
+    for name, acc in (("LoRA", lora_sweep), ("PiSSA", pissa_sweep)):
+        lines.append(f"| {name}, validation accuracy (seed 0) | " + " | ".join(f"{100 * acc[lr]:.1f}%" for lr in grid)
+                     + " |")
+    runs = pissa["runs"]
+    seeds = sorted(r["seed"] for r in runs)
+    lora = [r for r in groups(result)["lora"] if r["seed"] in seeds]
+    gap = paired_bootstrap(correct_matrix(runs), correct_matrix(lora))
+    cfg = pissa["config"]
+    curve = {m: {int(k): float(np.mean([r["curve"][k] for r in rs])) for k in rs[0]["curve"]}
+             for m, rs in (("LoRA", lora), ("PiSSA", runs))}
+    steps = sorted(curve["LoRA"])
+    lines += ["", "| validation accuracy after step | " + " | ".join(map(str, steps)) + " |",
+              "|---" * (len(steps) + 1) + "|"]
+    for m, lr in (("LoRA", result["config"]["lrs"]["lora"]), ("PiSSA", cfg["lrs"]["pissa"])):
+        lines.append(f"| {m} (lr {lr:g}), mean of seeds {'/'.join(map(str, seeds))} | "
+                     + " | ".join(f"{100 * curve[m][k]:.1f}%" for k in steps) + " |")
+    lines.append(f"\nTest accuracy, PiSSA - LoRA, each at the learning rate its own sweep chose, seeds "
+                 f"{'/'.join(map(str, seeds))} x {len(runs[0]['test_correct'])} tickets: {gap.format(100, ' points')}; "
+                 f"the paper's claim (PiSSA scores better than LoRA at the same rank): **{verdict(gap, 1e-9, 1)}**. "
+                 f"{cfg['steps']} steps of {cfg['batch_size']} tickets, r = {cfg['r']}, {cfg['targets']}; "
+                 f"{cfg['hardware']['processor']}, torch {cfg['hardware']['torch']}.")
+    return "\n".join(lines)
+
+
 def blocks() -> dict:
     """{block name: Markdown}, from the shipped results."""
     result, timings = load_result("showdown"), load_result("step_times")
@@ -178,7 +209,9 @@ def blocks() -> dict:
             "step-times": step_time_table(timings), "lr-sweep": lr_table(load_result("lr_sweep")),
             "ratio-sweep": ratio_table(load_result("loraplus_sweep")), "loraplus": loraplus_lines(result),
             "dora-study": dora_lines(load_result("dora_study"), result), "memory": memory_table(),
-            "qlora": qlora_table(result, timings), "weight-ratios": weight_ratios()}
+            "qlora": qlora_table(result, timings), "weight-ratios": weight_ratios(),
+            "pissa": pissa_lines(load_result("lr_sweep"), load_result("pissa_lr_sweep"),
+                                 load_result("pissa_showdown"), result)}
 
 
 def update(paths, check: bool = False) -> list:

@@ -4,7 +4,7 @@ folder after `pip install`) can read them.
     showdown = load_result("showdown")      # src/nanopeft/course/results/showdown.json
     result_path("lr_sweep.json")            # the path of a file in that folder
 
-Each JSON is written by the command named in RESULTS, which `python -m nanopeft` runs.
+Each JSON is written by the command named in RESULTS (`python -m nanopeft.course`; `make results` runs them).
 """
 from __future__ import annotations
 
@@ -19,6 +19,13 @@ RESULTS = {
                       f"{OUT}loraplus_sweep.json",
     "dora_study": f"python -m nanopeft.course dora-study --seeds 3 {OUT}dora_study.json",
     "step_times": f"python -m nanopeft.course step-times {OUT}step_times.json",
+    "pissa_lr_sweep": f"python -m nanopeft.course lr-sweep --methods pissa {OUT}pissa_lr_sweep.json",
+    "pissa_showdown": f"python -m nanopeft.course showdown --methods pissa --seeds 3 --lrs {OUT[6:]}pissa_lr_sweep.json "
+                      f"{OUT}pissa_showdown.json",
+}
+    "pissa": "python -m nanopeft.course lr-sweep --methods pissa --out runs/pissa_lr_sweep.json && python -m "
+             "nanopeft.course showdown --methods pissa --seeds 3 --lrs runs/pissa_lr_sweep.json --out "
+             "runs/pissa_showdown.json, then both in one file as {\"lr_sweep\": ..., \"showdown\": ...}",
 }
 
 
