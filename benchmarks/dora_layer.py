@@ -13,6 +13,8 @@ Each configuration is timed `--repeats` times, every variant once per round (int
 the medians are printed, with the ratios the README's benchmark table quotes, and the bytes saved for backward.
 """
 import argparse
+import datetime
+import json
 import platform
 import statistics
 import time
@@ -94,6 +96,8 @@ def main():
     p.add_argument("--r", type=int, default=16)
     p.add_argument("--repeats", type=int, default=5)
     p.add_argument("--shapes", default="all", help="'all' or a comma list of indices into SHAPES (0-3)")
+    p.add_argument("--out", default=None, help="write the medians as JSON here; the pages quote the CPU run shipped "
+                   "as src/nanopeft/course/results/dora_layer.json (`make facts`)")
     args = p.parse_args()
     device, dtype = torch.device(args.device), getattr(torch, args.dtype)
     shapes = SHAPES if args.shapes == "all" else [SHAPES[int(i)] for i in args.shapes.split(",")]
@@ -103,6 +107,7 @@ def main():
           "ours DoRA (factored+fused) / ours LoRA | peft DoRA / peft LoRA | medians (ms): "
           + ", ".join(VARIANTS) + " |")
     print("|---|---|---|---|---|---|")
+    rows = []
     for out_f, in_f, tokens in shapes:
         x = torch.randn(tokens, in_f, generator=torch.Generator().manual_seed(1)).to(device, dtype)
         models = {name: layer(*spec, out_f, in_f, args.r, dtype, device) for name, spec in VARIANTS.items()}
@@ -121,7 +126,17 @@ def main():
               + ", ".join(f"{med[n] * 1e3:.0f}" for n in VARIANTS) + " |", flush=True)
         print("    saved for backward (MiB): " + ", ".join(f"{n} {saved[n] / 2**20:.0f}" for n in VARIANTS),
               flush=True)
+        rows.append({"out": out_f, "in": in_f, "tokens": tokens, "median_seconds": med, "saved_bytes": saved})
         del models
+    if args.out:
+        import peft
+
+        result = {"date": datetime.date.today().isoformat(), "hardware": hardware(device), "dtype": args.dtype,
+                  "r": args.r, "repeats": args.repeats, "torch": torch.__version__, "peft": peft.__version__,
+                  "rows": rows}
+        with open(args.out, "w") as f:
+            json.dump(result, f, indent=1)
+        print(f"wrote {args.out}")
 
 
 if __name__ == "__main__":

@@ -202,6 +202,26 @@ def pissa_lines(sweep, pissa_sweep, pissa, result) -> str:
     return "\n".join(lines)
 
 
+def dora_7b_table() -> str:
+    """The shipped dora_layer result (written by `benchmarks/dora_layer.py --out`) as a table."""
+    result = load_result("dora_layer")
+    lines = ["| layer (out x in), tokens | ours DoRA / peft DoRA (exact; factored; factored + fused) | "
+             "DoRA / LoRA, ours (exact; factored; factored + fused) | peft DoRA / peft LoRA | saved for backward, "
+             "ours fused / peft DoRA |", "|---|---|---|---|---|"]
+    for row in result["rows"]:
+        t, b = row["median_seconds"], row["saved_bytes"]
+        ours = [t["ours DoRA exact"], t["ours DoRA factored"], t["ours DoRA factored+fused"]]
+        lines.append(f"| {row['out']} x {row['in']}, {row['tokens']:,} | "
+                     + "; ".join(f"{x / t['peft DoRA']:.2f}x" for x in ours) + " | "
+                     + "; ".join(f"{x / t['ours LoRA']:.2f}x" for x in ours) + " | "
+                     + f"{t['peft DoRA'] / t['peft LoRA']:.2f}x | "
+                     + f"{b['ours DoRA factored+fused'] / 2**20:.0f} / {b['peft DoRA'] / 2**20:.0f} MiB |")
+    lines.append(f"\nOne layer, forward and backward, r = {result['r']}, {result['dtype']}, medians of {result['repeats']} "
+                 f"interleaved rounds; measured {result['date']} on {result['hardware']} (torch {result['torch']}, "
+                 f"peft {result['peft']}) by `benchmarks/dora_layer.py`.")
+    return "\n".join(lines)
+
+
 def blocks() -> dict:
     """{block name: Markdown}, from the shipped results."""
     result, timings = load_result("showdown"), load_result("step_times")
@@ -210,6 +230,7 @@ def blocks() -> dict:
             "ratio-sweep": ratio_table(load_result("loraplus_sweep")), "loraplus": loraplus_lines(result),
             "dora-study": dora_lines(load_result("dora_study"), result), "memory": memory_table(),
             "qlora": qlora_table(result, timings), "weight-ratios": weight_ratios(),
+            "dora-7b": dora_7b_table(),
             "pissa": pissa_lines(load_result("lr_sweep"), load_result("pissa_lr_sweep"),
                                  load_result("pissa_showdown"), result)}
 

@@ -21,6 +21,7 @@ from importlib import resources
 
 from .estimates import LLAMA_7B, LLAMA_65B, NF4_BITS, gb, training_memory
 from .report import correct_matrix, groups, interleaved_step_time, table, time_matrix
+from .results import load_result
 from .stats import FAILS, HOLDS, UNSETTLED, exact, first_crossing, paired_bootstrap, verdict
 
 # What "close" and "near" mean in the claims below, stated once. These are conventions, not laws:
@@ -65,6 +66,13 @@ def claims(showdown: dict, timings: dict | None = None) -> list:
     return out
 
 
+def dora_7b_range() -> str:
+    """Our DoRA (factored norm, fused backward) / our LoRA, one layer at 7B shapes: "a-bx" over the shipped rows."""
+    rows = load_result("dora_layer")["rows"]
+    ratios = [r["median_seconds"]["ours DoRA factored+fused"] / r["median_seconds"]["ours LoRA"] for r in rows]
+    return f"{min(ratios):.2f}x-{max(ratios):.2f}x"
+
+
 class Quantities:
     """The measured quantities the claims name: each returns (interval, the effect as shown, values for the
     `measured` text). Context every text may use: timed, where, r, batch, seeds, tickets."""
@@ -75,7 +83,8 @@ class Quantities:
         hw = cfg["hardware"]
         self.context = {"timed": "timed step by step, interleaved," if timings is not None else "during the showdown,",
                         "where": hw.get("gpu") or f"{hw['cpu_count']}-core CPU", "r": cfg["r"],
-                        "batch": cfg["batch_size"], "seeds": len(cfg["seeds"]), "tickets": cfg["test_tickets"]}
+                        "batch": cfg["batch_size"], "seeds": len(cfg["seeds"]), "tickets": cfg["test_tickets"],
+                        "dora_7b": dora_7b_range()}
 
     def step_time_ratio(self, a, b):
         if self.timings is not None:  # one row of interleaved steps, the first (warm-up) one dropped

@@ -19,6 +19,7 @@ RESULTS = {
                       f"{OUT}loraplus_sweep.json",
     "dora_study": f"python -m nanopeft.course dora-study --seeds 3 {OUT}dora_study.json",
     "step_times": f"python -m nanopeft.course step-times {OUT}step_times.json",
+    "dora_layer": f"python benchmarks/dora_layer.py {OUT}dora_layer.json",
     "pissa_lr_sweep": f"python -m nanopeft.course lr-sweep --methods pissa {OUT}pissa_lr_sweep.json",
     "pissa_showdown": f"python -m nanopeft.course showdown --methods pissa --seeds 3 --lrs {OUT[6:]}pissa_lr_sweep.json "
                       f"{OUT}pissa_showdown.json",

@@ -9,6 +9,7 @@ from __future__ import annotations
 
 import torch
 
+from ..adapters import METHODS
 from ..loraplus import create_loraplus_optimizer
 from ..nf4 import dequantize_nf4, quantize_nf4
 from .models import tiny_llama
@@ -27,7 +28,7 @@ def verification_table(seed: int = 0) -> list:
     def row(method, ref, what, diff, tol=0.0):
         rows.append((method, ref, what, diff, tol, diff <= tol))
 
-    for method in ("lora", "dora"):
+    for method in [n for n, cls in METHODS.items() if cls.reference == "peft"]:  # every method in the table
         d = compare_with_peft(*peft_twin(tiny_llama(), method=method, targets="all-linear", dropout=0.1), ids)
         row(method, "peft 0.21", "logits, grads of " + "/".join(k for k in d if k != "logits"), max(d.values()))
 
