@@ -235,7 +235,7 @@ def test_demo_verification_table_passes():
     from nanopeft.lab.verify import verification_table
 
     rows = verification_table()
-    assert [r[0] for r in rows] == ["lora", "dora", "nf4", "nf4", "qlora", "qdora", "lora+"]
+    assert [r[0] for r in rows] == ["lora", "dora", "pissa", "nf4", "nf4", "qlora", "qdora", "lora+"]
     assert all(r[-1] for r in rows), rows
 
 

@@ -1,6 +1,6 @@
 """Memory, computed: the bytes each way of fine-tuning holds per parameter, and what that makes at 7B and 65B.
 
-The articles our learners read quote "~28 GB for 7B full fine-tuning in fp16" and "~14 GB for 7B LoRA". Those are
+The articles learners read quote "~28 GB for 7B full fine-tuning in fp16" and "~14 GB for 7B LoRA". Those are
 weights (and gradients) only. What training holds, per parameter, before activations:
 
     full fine-tuning, float32 + AdamW         4 weight + 4 gradient + 8 (two moments)             = 16 bytes
