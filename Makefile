@@ -4,7 +4,7 @@ VENV   ?= .venv
 PY     := $(VENV)/bin/python
 STAMP  := $(VENV)/.nanopeft-installed
 
-.PHONY: demo test unit notebooks lab bench results facts install clean
+.PHONY: demo test unit notebooks lab bench results facts docs install clean
 
 install: $(STAMP)
 
@@ -30,11 +30,20 @@ demo: $(STAMP)
 # Colab opens one after `pip install`) and run with nbval-lax (only cells marked NBVAL_CHECK_OUTPUT compare their
 # outputs). NANOPEFT_QUICK=1 shortens training in the notebooks; the committed outputs come from full runs.
 # The exercise notebooks are tested by tests/test_exercises.py (their blanks stop them by design).
-test: $(STAMP)
+test: docs
 	CI=$${CI:-1} NANOPEFT_QUICK=1 $(PY) -m pytest -q -p no:cacheprovider tests --durations=10
 	tmp=$$(mktemp -d) && cp notebooks/*.ipynb notebooks/solutions/*.ipynb $$tmp/ && cd $$tmp && \
 	  CI=$${CI:-1} NANOPEFT_QUICK=1 $(abspath $(PY)) -m pytest -q -p no:cacheprovider --nbval-lax --nbval-current-env \
 	    --durations=12 *.ipynb; status=$$?; cd / && rm -rf $$tmp; exit $$status
+
+# The course website, from the lessons and the executed notebooks (never re-executed), into build/docs/html:
+# warnings are errors, then every internal link and anchor is checked (external ones are listed, not fetched).
+# tests/test_site.py opens it in headless Chromium (Debian's `chromium` package).
+docs: $(STAMP)
+	rm -rf build/docs/html
+	$(PY) -m sphinx -q -W --keep-going -b html -c docs . build/docs/html
+	$(PY) tools/check_links.py
+	@echo "the site: build/docs/html/index.html"
 
 unit: $(STAMP)
 	$(PY) -m pytest -q tests

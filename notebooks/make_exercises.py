@@ -25,6 +25,7 @@ HERE = Path(__file__).parent
 BEGIN = re.compile(r"^(?P<indent>\s*)### BEGIN SOLUTION:?\s*(?P<hint>.*)$")
 END = re.compile(r"^\s*### END SOLUTION\s*$")
 SOLUTION_NOTE = "> **Solution notebook.**"
+SOLUTION_TITLE = ": worked solution"  # the end of a solution's title ("# Exercise 1 · Write a LoRA layer: worked solution")
 EXERCISE_NOTE = ("> **Exercise notebook.** Replace each `blank(...)` with your code, then run the grader cell below "
                  "it. Hints are under each exercise; the worked solution is in `notebooks/solutions/`.")
 
@@ -53,11 +54,12 @@ def strip(source: str) -> str:
 
 def exercise_of(solution: nbformat.NotebookNode, name: str) -> nbformat.NotebookNode:
     nb = nbformat.v4.new_notebook(metadata={"kernelspec": solution.metadata["kernelspec"],
-                                            "language_info": {"name": "python"}})
+                                            "language_info": {"name": "python", "pygments_lexer": "ipython3"}})
     for cell in solution.cells:
         source = cell.source
         if cell.cell_type == "markdown":
-            lines = [EXERCISE_NOTE if line.startswith(SOLUTION_NOTE) else line for line in source.split("\n")]
+            lines = [EXERCISE_NOTE if line.startswith(SOLUTION_NOTE) else
+                     line.removesuffix(SOLUTION_TITLE) if line.startswith("# ") else line for line in source.split("\n")]
             source = "\n".join(lines).replace(f"notebooks/solutions/{name}", f"notebooks/exercises/{name}")
             new = nbformat.v4.new_markdown_cell(source)
         else:
