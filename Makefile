@@ -4,7 +4,7 @@ VENV   ?= .venv
 PY     := $(VENV)/bin/python
 STAMP  := $(VENV)/.nanopeft-installed
 
-.PHONY: demo test unit notebooks lab bench results facts docs install clean
+.PHONY: demo test unit notebooks notebook-headers lab bench results facts docs install clean
 
 install: $(STAMP)
 
@@ -48,9 +48,14 @@ docs: $(STAMP)
 unit: $(STAMP)
 	$(PY) -m pytest -q tests
 
+# Every notebook's Colab badge, install cell and links, written from pyproject.toml's repository address and the
+# versions in constraints.txt (the tests fail while one differs).
+notebook-headers: $(STAMP)
+	$(PY) tools/notebook_headers.py
+
 # Re-execute every notebook in place, full length (what gets committed), and write the exercise notebooks from the
 # solutions.
-notebooks: $(STAMP)
+notebooks: notebook-headers
 	for nb in notebooks/*.ipynb notebooks/solutions/*.ipynb; do \
 	  $(VENV)/bin/jupyter nbconvert --to notebook --execute --inplace --ExecutePreprocessor.timeout=900 $$nb || exit 1; \
 	done

@@ -56,7 +56,7 @@ def local_badge(app, pagename, templatename, context, doctree):
         context["body"] = context["body"].replace(COLAB_BADGE, context["pathto"]("_static/colab-badge.svg", 1))
 
 
-# Each notebook page opens with a link to its lesson (on Colab the notebook links to this site instead).
+# Each notebook page opens with a link to its lesson (on Colab its links go to the repository's pages).
 LESSON_OF = {"00_start_here": "00_start_here", "01_lora": "01_lora", "ex1_lora": "01_lora", "02_dora": "02_dora",
              "ex2_dora": "02_dora", "03_nf4": "03_nf4", "ex3_nf4": "03_nf4", "04_qlora": "04_qlora",
              "05_loraplus": "05_loraplus", "ex4_loraplus": "05_loraplus", "06_showdown": "06_choosing"}
@@ -71,6 +71,17 @@ def lesson_link(app, pagename, templatename, context, doctree):
         context["body"] = banner + context["body"]
 
 
+OWN_PAGE = re.compile(r'href="' + re.escape(REPOSITORY) + r'/blob/main/((?:lessons|notebooks)/[^"#]+)\.(?:md|ipynb)(#[^"]*)?"')
+
+
+def own_pages(app, pagename, templatename, context, doctree):
+    """The notebooks link to lessons by the repository's address (so that the links work on Colab); on the site
+    those links go to the site's own pages."""
+    if "body" in context:
+        context["body"] = OWN_PAGE.sub(lambda m: f'href="{context["pathto"](m[1])}{m[2] or ""}"', context["body"])
+
+
 def setup(app):
+    app.connect("html-page-context", own_pages)
     app.connect("html-page-context", local_badge)
     app.connect("html-page-context", lesson_link)

@@ -202,3 +202,39 @@ def test_saved_tensors_counts_the_peak_of_what_is_alive_once_each():
     # alive together: kept and dropped (2 KiB), then kept, later and again (2.5 KiB); never all four
     assert saved.nbytes == 1024 + 512 + 1024
     assert again.requires_grad and kept.requires_grad
+
+
+@pytest.mark.parametrize("module, name, env, expected", [
+    ("google.colab._shell", "Shell", {}, "colab"),
+    ("ipykernel.zmqshell", "ZMQInteractiveShell", {}, "jupyter"),
+    ("ipykernel.zmqshell", "ZMQInteractiveShell", {"VSCODE_PID": "1"}, "vscode"),
+    ("IPython.terminal.interactiveshell", "TerminalInteractiveShell", {}, "ipython"),
+])
+def test_the_live_display_knows_where_it_runs(monkeypatch, module, name, env, expected):
+    """Stand-in shells of each front end (the class and module names IPython reports there)."""
+    import IPython
+
+    from nanopeft.lab import live
+
+    shell_class = type(name, (), {"__module__": module})
+    monkeypatch.setattr(IPython, "get_ipython", lambda: shell_class())
+    monkeypatch.delenv("VSCODE_PID", raising=False)
+    monkeypatch.delenv("VSCODE_CWD", raising=False)
+    for k, v in env.items():
+        monkeypatch.setenv(k, v)
+    assert live.frontend() == expected
+    display = live.LiveDisplay("test")
+    assert display.widgets is (expected in ("colab", "jupyter", "vscode"))  # widgets on Colab too; text in a terminal
+
+
+def test_the_live_display_prints_text_lines_in_a_script(monkeypatch, capsys):
+    import IPython
+
+    from nanopeft.lab import live
+
+    monkeypatch.setattr(IPython, "get_ipython", lambda: None)
+    display = live.LiveDisplay("test", every=1)
+    assert live.frontend() == "script" and not display.widgets
+    display({"step": 1, "loss": 1.0, "step_time": 0.1, "memory": {"trainable weights": 0, "gradients": 0,
+             "optimizer state": 0, "activations": 0, "peak": 0}})
+    assert "[test] step    1  loss 1.0000" in capsys.readouterr().out

@@ -1,6 +1,7 @@
 """Hygiene of the committed notebooks: what nbval will compare must be reproducible on another machine, and every
 notebook must open anywhere (Colab, an empty folder): nothing read by a relative path, the badge and the install
 cell pointing at the one repository address."""
+import importlib.util
 import json
 import re
 import tomllib
@@ -93,3 +94,37 @@ def test_the_package_data_ships_in_the_wheel(tmp_path):
     names = zipfile.ZipFile(next(tmp_path.glob("nanopeft-*.whl"))).namelist()
     shipped = {Path(n).name for n in names if "/course/results/" in n}
     assert {"showdown.json", "lr_sweep.json", "loraplus_sweep.json", "dora_study.json", "step_times.json"} <= shipped
+
+
+spec = importlib.util.spec_from_file_location("notebook_headers", ROOT / "tools" / "notebook_headers.py")
+notebook_headers = importlib.util.module_from_spec(spec)
+spec.loader.exec_module(notebook_headers)
+
+
+@pytest.mark.parametrize("path", EVERY, ids=ids)
+def test_badge_install_cell_and_links_are_written_from_the_one_address(path):
+    """tools/notebook_headers.py writes them from pyproject.toml and constraints.txt; nothing drifts by hand."""
+    assert notebook_headers.rewrite(path) == path.read_text(), "run `make notebook-headers` and commit"
+    install = "".join(cells(path)[1]["source"])
+    assert "[notebooks]" not in install and "--no-deps" in install  # Colab has JupyterLab and ipywidgets already
+    for name, version in re.findall(r"^(peft|bitsandbytes|transformers)==(\S+)", (ROOT / "constraints.txt").read_text(), re.M):
+        assert f'"{name}>={version}"' in install
+
+
+@pytest.mark.parametrize("path", EVERY, ids=ids)
+def test_notebook_text_links_nothing_that_exists_only_in_a_checkout(path):
+    for c in cells(path):
+        if c["cell_type"] == "markdown":
+            relative = notebook_headers.LOCAL_LINK.findall("".join(c["source"]))
+            assert not relative, f"{ids(path)} links {relative}: dead on Colab; use the repository's address"
+
+
+def test_every_link_to_the_repository_uses_the_address_in_pyproject():
+    own = REPOSITORY.removeprefix("https://github.com/")
+    found = set()
+    for page in [*ROOT.glob("*.md"), *(ROOT / "lessons").glob("*.md"), *(ROOT / "benchmarks").glob("*.md"),
+                 *(ROOT / "docs").glob("*.md"), *(ROOT / "notebooks").rglob("*.ipynb"), ROOT / "LICENSE-docs"]:
+        text = page.read_text()
+        found |= {m for m in re.findall(r"(?:github\.com|colab\.research\.google\.com/github)/([\w.-]+/[\w.-]+)", text)
+                  if m.endswith("/nanopeft")}
+    assert found == {own}, f"the repository is written as {sorted(found)}; pyproject.toml says {own}"

@@ -51,16 +51,24 @@ def links(path: Path):
             yield target, text.count("\n", 0, m.start()) + 1
 
 
-def check(paths) -> tuple:
-    """(broken: [(page, line, target, why)], external: sorted set of URLs)."""
+def repository(root: Path = ROOT) -> str:
+    return re.search(r'^Repository = "(.+)"', (root / "pyproject.toml").read_text(), re.M)[1]
+
+
+def check(paths, root: Path = ROOT) -> tuple:
+    """(broken: [(page, line, target, why)], external: sorted set of URLs). A link to a file of this repository by
+    its address (as the notebooks write them, to work on Colab) is checked against the checkout."""
     broken, external = [], set()
+    own = re.compile(re.escape(repository(root)) + r"/(?:blob|tree)/main/(.*)")
     for page in paths:
         for target, line in links(page):
-            if re.match(r"[a-z][a-z0-9+.-]*:", target):  # https:, mailto:, data:
+            inside = own.match(target)
+            if re.match(r"[a-z][a-z0-9+.-]*:", target) and not inside:  # https:, mailto:, data:
                 external.add(target)
                 continue
-            file, _, anchor = target.partition("#")
-            dest = (page.parent / file).resolve() if file else page
+            file, _, anchor = (inside[1] if inside else target).partition("#")
+            base = root if inside else page.parent
+            dest = (base / file).resolve() if file else page
             if not dest.exists():
                 broken.append((page, line, target, "no such file"))
             elif anchor and dest.suffix in (".md", ".ipynb") and anchor not in anchors(dest):

@@ -2,11 +2,13 @@
 
     history = train(..., callback=LiveDisplay("LoRA", every=5))
 
-In a notebook with ipywidgets it draws into one widget, updated every `every` steps, and when training ends leaves
+In a notebook (Colab, Jupyter, JupyterLab, VS Code) with ipywidgets it draws into one widget, updated every `every` steps, and when training ends leaves
 a static picture behind, so the executed notebook keeps the result. Elsewhere (a terminal, CI) it prints one text
 line every `every` steps. matplotlib and ipywidgets are imported only when a picture is drawn (optional libraries).
 """
 from __future__ import annotations
+
+import os
 
 from .memory import COUNTED, fmt_bytes
 
@@ -15,13 +17,29 @@ PART_COLORS = {"frozen weights": "#9e9e9e", "trainable weights": "tab:green", "g
           "optimizer state": "tab:red", "activations": "tab:blue"}
 
 
-def in_notebook() -> bool:
+def frontend() -> str:
+    """Where this code runs: "colab", "vscode", "jupyter" (Jupyter, JupyterLab: a kernel behind a browser),
+    "ipython" (the terminal IPython) or "script" (plain Python, CI). Read off the IPython shell: Colab's is
+    `google.colab._shell.Shell`, Jupyter's and VS Code's `ipykernel`'s `ZMQInteractiveShell` (VS Code says so in its
+    environment), the terminal's `TerminalInteractiveShell`."""
     try:
         from IPython import get_ipython
     except ImportError:
-        return False
+        return "script"
     shell = get_ipython()
-    return shell is not None and type(shell).__name__ == "ZMQInteractiveShell"
+    if shell is None:
+        return "script"
+    kind = type(shell)
+    if kind.__module__.startswith("google.colab"):
+        return "colab"
+    if any(c.__name__ == "ZMQInteractiveShell" for c in kind.__mro__):
+        return "vscode" if "VSCODE_PID" in os.environ or "VSCODE_CWD" in os.environ else "jupyter"
+    return "ipython" if any(c.__name__ == "TerminalInteractiveShell" for c in kind.__mro__) else "script"
+
+
+def in_notebook() -> bool:
+    """True where a widget can be drawn: Colab, Jupyter/JupyterLab, VS Code's notebooks."""
+    return frontend() in ("colab", "vscode", "jupyter")
 
 
 class LiveDisplay:
