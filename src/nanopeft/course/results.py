@@ -21,12 +21,8 @@ RESULTS = {
     "step_times": f"python -m nanopeft.course step-times {OUT}step_times.json",
     "dora_layer": f"python benchmarks/dora_layer.py {OUT}dora_layer.json",
     "pissa_lr_sweep": f"python -m nanopeft.course lr-sweep --methods pissa {OUT}pissa_lr_sweep.json",
-    "pissa_showdown": f"python -m nanopeft.course showdown --methods pissa --seeds 3 --lrs {OUT[6:]}pissa_lr_sweep.json "
-                      f"{OUT}pissa_showdown.json",
-}
-    "pissa": "python -m nanopeft.course lr-sweep --methods pissa --out runs/pissa_lr_sweep.json && python -m "
-             "nanopeft.course showdown --methods pissa --seeds 3 --lrs runs/pissa_lr_sweep.json --out "
-             "runs/pissa_showdown.json, then both in one file as {\"lr_sweep\": ..., \"showdown\": ...}",
+    "pissa_showdown": f"python -m nanopeft.course showdown --methods pissa --seeds 3 --lrs "
+                      f"{OUT[6:]}pissa_lr_sweep.json {OUT}pissa_showdown.json",
 }
 
 
