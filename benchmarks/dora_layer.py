@@ -10,7 +10,7 @@ W0 + s B A: peft (and our exact norm) build that (out, in) matrix, which at 1100
 factored norm gets the same norms from (out, r) and (r, r) products (dora_fast.py). The base weight is frozen and
 the input needs no gradient, so the backward is the adapter's alone: what DoRA adds shows at full size.
 Each configuration is timed `--repeats` times, every variant once per round (interleaved), after one warm-up round;
-the medians are printed, with the ratios the README's benchmark table quotes, and the bytes saved for backward.
+the medians are printed, with the ratios the benchmarks page (benchmarks/README.md) quotes, and the bytes saved for backward.
 """
 import argparse
 import datetime

@@ -125,3 +125,31 @@ def test_every_claim_is_data_that_names_its_sources_by_title():
         assert entry["sources"] and all(k in data["sources"] for k in entry["sources"]), entry["claim"]
         assert hasattr(Quantities, entry["quantity"]), f"{entry['claim']}: no quantity {entry['quantity']!r}"
     assert all('"' in citation for citation in data["sources"].values() if "untitled" not in citation)
+
+
+def test_match_claims_use_the_stated_margin():
+    """"Match" means within CLOSE (5 points) of the other method: an interval wholly more than 5 points below
+    fails, one wholly within holds, one that straddles -5 points is not settled."""
+    from nanopeft.course.claims import CLOSE, load_claims
+
+    matches = [c for c in load_claims()["claims"] if "match" in c["claim"].lower() or "close" in c["claim"].lower()]
+    assert matches and all("-CLOSE" in (c["rule"].get("low"), c["rule"].get("high")) for c in matches)
+    assert CLOSE == 0.05
+    start = "QDoRA can match"
+    assert verdict(claims(fake_result({**BASE, "qdora": 0.86})), start) == HOLDS  # wholly above -5 points
+    assert verdict(claims(fake_result({**BASE, "qdora": 0.60})), start) == FAILS  # 20 points behind
+    assert verdict(claims(fake_result({**BASE, "qdora": 0.75})), start) == UNSETTLED  # the interval straddles -5
+
+
+def test_make_results_reruns_what_ships():
+    """The Makefile's long runs have the seeds and ratios of the shipped results."""
+    import re
+    from pathlib import Path
+
+    from nanopeft.course.results import load_result
+
+    make = (Path(__file__).parent.parent / "Makefile").read_text().replace("\\\n", " ")
+    sweep, study = load_result("loraplus_sweep")["config"], load_result("dora_study")["config"]
+    line = re.search(r"loraplus-sweep --seeds (\d+) --ratios ([\d ]+?) --", make)
+    assert int(line[1]) == len(sweep["seeds"]) and [int(r) for r in line[2].split()] == sweep["ratios"]
+    assert int(re.search(r"dora-study --seeds (\d+)", make)[1]) == len(study["seeds"])

@@ -7,6 +7,7 @@ except PiSSA's: its file is converted to a LoRA adapter of rank 2r on the origin
 instead of W_res + s B A, which agree to float32 rounding of W0's size (rtol 1e-5 on logits of size ~1).
 """
 import copy
+import json
 
 import pytest
 import torch
@@ -97,11 +98,13 @@ def test_merge_and_unmerge_equal_peft(name):
 
 
 @pytest.mark.parametrize("name", PEFT_METHODS)
-def test_files_both_ways_on_the_untouched_base(name, tmp_path):
+@pytest.mark.parametrize("rslora", [False, True])
+def test_files_both_ways_on_the_untouched_base(name, rslora, tmp_path):
     """Ours read by peft, peft's read by us, each loaded onto a fresh copy of the original model (for PiSSA the
-    converted adapter, as peft writes it with path_initial_model_for_weight_conversion)."""
+    converted adapter, as peft writes it with path_initial_model_for_weight_conversion: rank 2r, alpha doubled,
+    times sqrt 2 with rsLoRA)."""
     base = tiny_llama()
-    ours, theirs = peft_twin(base, method=name, targets="all-linear", perturb=False)
+    ours, theirs = peft_twin(base, method=name, targets="all-linear", perturb=False, rslora=rslora)
     if not METHODS[name].random_init:  # peft converts against the start it saved, with init_lora_weights=True
         theirs.peft_config["default"].init_lora_weights = True
         theirs.save_pretrained(tmp_path / "start")
@@ -118,6 +121,9 @@ def test_files_both_ways_on_the_untouched_base(name, tmp_path):
     convert = {} if METHODS[name].random_init else {"path_initial_model_for_weight_conversion": str(tmp_path / "start")}
     theirs.save_pretrained(tmp_path / "peft", **convert)
     torch.testing.assert_close(logits(load_adapter(copy.deepcopy(base), tmp_path / "peft")), expected, **tol)
+    written = [json.loads((tmp_path / d / "adapter_config.json").read_text()) for d in ("ours", "peft")]
+    assert {k: written[0][k] for k in ("r", "lora_alpha", "use_rslora")} == \
+           {k: written[1][k] for k in ("r", "lora_alpha", "use_rslora")}  # the same config as peft's
 
 
 BAD = [(dict(r=0), "r must be a positive integer"), (dict(alpha=-1.0), "alpha must be a positive number"),

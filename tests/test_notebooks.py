@@ -128,3 +128,18 @@ def test_every_link_to_the_repository_uses_the_address_in_pyproject():
         found |= {m for m in re.findall(r"(?:github\.com|colab\.research\.google\.com/github)/([\w.-]+/[\w.-]+)", text)
                   if m.endswith("/nanopeft")}
     assert found == {own}, f"the repository is written as {sorted(found)}; pyproject.toml says {own}"
+
+
+@pytest.mark.parametrize("path", EXECUTED, ids=ids)
+def test_the_stamp_prints_this_package_version(path):
+    """The environment stamp was printed by the package as it is now, not by an older install."""
+    import nanopeft
+
+    printed = re.findall(r"nanopeft (\d+\.\d+\.\d+)", json.dumps([c.get("outputs") for c in cells(path)]))
+    assert printed and set(printed) == {nanopeft.__version__}, f"{ids(path)} printed nanopeft {printed}: re-run it"
+
+
+def test_the_package_version_is_written_once():
+    import nanopeft
+
+    assert f'version = "{nanopeft.__version__}"' in (ROOT / "pyproject.toml").read_text()

@@ -29,7 +29,7 @@ from .targets import CLASSIFIER_HEADS, ModuleToSave, find_targets, modules_to_sa
 # Every method nanopeft has, by name: its adapter layer class. The class says what the rest of the package reads
 # (its name and title, how peft's LoraConfig selects it, the tensors it adds and their names in a peft file, its
 # Options dataclass, what it is tested against: see the top of LoRALinear). To add a method, write its class and add
-# it here (README, "Adding a method"); tests/test_methods.py then checks it against its reference.
+# it here (CONTRIBUTING.md, "Adding a method"); tests/test_methods.py then checks it against its reference.
 METHODS = {cls.name: cls for cls in (LoRALinear, DoRALinear, PiSSALinear)}
 
 

@@ -46,7 +46,7 @@ class LoRALinear(nn.Module):
 
     base:    the pretrained layer: an `nn.Linear` (weight W0 of shape (out, in)), transformers' `Conv1D` (GPT-2;
              the same layer with its weight stored transposed, (in, out)), or a 4-bit `LinearNF4` (QLoRA).
-    r:       the rank of the update, 1 <= r <= min(in, out).
+    r:       the rank of the update, r >= 1 (above min(in, out) it adds nothing, as in peft).
     alpha:   the update is scaled by alpha / r (or alpha / sqrt(r) with `rslora`).
     dropout: dropout probability on the LoRA branch's input only; the base path never sees it.
 

@@ -1,21 +1,22 @@
 """PiSSA: Principal Singular Values and Singular Vectors Adaptation (Meng et al., 2024, arXiv:2404.02948).
 
-LoRA starts with B = 0, so its first steps move a random direction A from nothing. PiSSA starts the adapter on the
+LoRA starts with B = 0, so B first grows along a random direction A (A's gradient is zero until B moves). PiSSA starts the adapter on the
 part of W0 that matters most, its top r singular directions, and freezes the rest:
 
     W0 = U S V^T                        (the SVD; singular values S sorted, largest first)
-    A  = sqrt(S_r / s) V_r^T   (r, in)  B = U_r sqrt(S_r / s)   (out, r)      so that  s B A = U_r S_r V_r^T
+    A  = diag(sqrt(S_r / s)) V_r^T   (r, in)    B = U_r diag(sqrt(S_r / s))   (out, r)    so  s B A = U_r S_r V_r^T
     W_res = W0 - s B A                  written back into the frozen base
 
 At step 0 the layer computes W_res x + s B A x = W0 x, as LoRA does, but the gradients now reach the principal
 directions at once: the paper reports faster convergence and better final scores than LoRA at the same rank.
-The forward, merge, dropout and rsLoRA are LoRA's (this class adds only the start).
+The forward, merge, dropout and rsLoRA are LoRA's: this class changes the start, and so what saving writes and what
+removing the adapter gives back.
 
 Two consequences to keep in mind:
 - The base weight is changed: the adapter only works on W_res. So `save_adapter` writes what peft writes with
   `path_initial_model_for_weight_conversion`: the update as an ordinary LoRA adapter of rank 2r on the untouched
-  W0, A' = [A; A0], B' = [B, -B0] (s B' A' = s B A - s B0 A0, with A0, B0 the start), which peft and nanopeft load
-  onto the original model. `remove_adapters(model)` adds s B0 A0 back (W0 up to float rounding).
+  W0, A' = [A; A0], B' = [B, -B0] (s B' A' = s B A - s B0 A0, with A0, B0 the start; alpha doubles with the rank,
+  times sqrt 2 with rsLoRA, so s stays), which peft and nanopeft load onto the original model. `remove_adapters(model)` adds s B0 A0 back (W0 up to float rounding).
 - A 4-bit base cannot hold W_res without quantizing it again (the paper's QPiSSA); nanopeft refuses it.
 """
 from __future__ import annotations

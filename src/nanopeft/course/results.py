@@ -15,9 +15,9 @@ OUT = "--out src/nanopeft/course/results/"  # from a source checkout
 RESULTS = {
     "lr_sweep": f"python -m nanopeft.course lr-sweep {OUT}lr_sweep.json",
     "showdown": f"python -m nanopeft.course showdown --seeds 5 {OUT}showdown.json",
-    "loraplus_sweep": f"python -m nanopeft.course loraplus-sweep --seeds 3 --reuse {OUT[6:]}showdown.json "
-                      f"{OUT}loraplus_sweep.json",
-    "dora_study": f"python -m nanopeft.course dora-study --seeds 3 {OUT}dora_study.json",
+    "loraplus_sweep": f"python -m nanopeft.course loraplus-sweep --seeds 1 --ratios 1 4 16 32 --reuse "
+                      f"{OUT[6:]}showdown.json {OUT}loraplus_sweep.json",
+    "dora_study": f"python -m nanopeft.course dora-study --seeds 2 {OUT}dora_study.json",
     "step_times": f"python -m nanopeft.course step-times {OUT}step_times.json",
     "dora_layer": f"python benchmarks/dora_layer.py {OUT}dora_layer.json",
     "pissa_lr_sweep": f"python -m nanopeft.course lr-sweep --methods pissa {OUT}pissa_lr_sweep.json",
