@@ -38,3 +38,13 @@ def test_an_unknown_block_is_an_error(tmp_path):
     page.write_text("<!-- facts: nonsense -->\nold\n<!-- /facts -->\n")
     with pytest.raises(ValueError, match="unknown facts block 'nonsense'"):
         facts.update([page])
+
+
+def test_generated_tables_keep_their_columns():
+    """A | inside a cell would end it: GitHub and the site would show a broken row (it is written \\| instead)."""
+    import re
+
+    for name, text in facts.blocks().items():
+        rows = [line for line in text.splitlines() if line.startswith("|")]
+        widths = {len(re.findall(r"(?<!\\)\|", line)) for line in rows}
+        assert len(widths) <= 1, f"block {name!r} has rows of different widths: {widths}"

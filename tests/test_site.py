@@ -151,3 +151,12 @@ def test_the_front_page_and_the_license():
 def test_the_site_footer_states_the_license(site):
     page = (site / "lessons" / "01_lora.html").read_text()
     assert "Apache License 2.0" in page and "CC BY 4.0" in page
+
+
+def test_the_site_has_search_and_every_course_page(site):
+    assert (site / "search.html").is_file() and (site / "searchindex.js").stat().st_size > 10_000
+    assert (site / "index.html").read_text().count("docs/index.html") >= 1  # the root sends readers to the home page
+    for page in ["lessons/00_start_here", "lessons/06_choosing", "notebooks/06_showdown", "notebooks/exercises/ex1_lora",
+                 "notebooks/solutions/ex4_loraplus", "lessons/workshop", "benchmarks/README", "lessons/glossary"]:
+        assert (site / f"{page}.html").is_file(), page
+    assert (site / "_static" / "mathjax" / "tex-chtml.js").is_file()  # the math renderer ships with the site
