@@ -63,6 +63,7 @@ def main(argv=None) -> None:
     parser = argparse.ArgumentParser(prog="python -m nanopeft.course", description=__doc__,
                                      formatter_class=argparse.RawDescriptionHelpFormatter)
     sub = parser.add_subparsers(dest="command", required=True)
+
     def budget_args(p, methods=True):
         p.add_argument("--steps", type=int, default=Budget.steps)
         p.add_argument("--tickets", type=int, default=None,
