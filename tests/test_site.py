@@ -82,7 +82,9 @@ def look(url: str, screenshot: Path | None = None) -> dict:
         page.on("console", lambda m: errors.append(m.text) if m.type == "error" else None)
         page.on("pageerror", lambda e: errors.append(str(e)))
         page.goto(url, wait_until="networkidle")
-        page.wait_for_timeout(500)  # MathJax typesets after the load event
+        # MathJax typesets after the load event: wait until it says it is done (a slow machine takes longer)
+        page.evaluate("""() => window.MathJax && MathJax.startup && MathJax.startup.promise
+                         ? MathJax.startup.promise.then(() => true) : false""")
         seen = page.evaluate("""() => ({
             text: document.body.innerText,
             math: document.querySelectorAll('mjx-container').length,
