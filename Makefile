@@ -50,8 +50,9 @@ test: docs
 docs: $(STAMP)
 	rm -rf build/docs/html
 	$(PY) -m sphinx -q -W --keep-going -b html -c docs . build/docs/html
+	$(PY) tools/slides.py build/docs/html
 	$(PY) tools/check_links.py
-	@echo "the site: build/docs/html/index.html"
+	@echo "the site: build/docs/html/index.html; the workshop's slides: build/docs/html/slides/workshop.html"
 
 unit: $(STAMP)
 	$(PY) -m pytest -q tests

@@ -162,3 +162,41 @@ def test_the_site_has_search_and_every_course_page(site):
                  "notebooks/solutions/ex4_loraplus", "lessons/workshop", "benchmarks/README", "lessons/glossary"]:
         assert (site / f"{page}.html").is_file(), page
     assert (site / "_static" / "mathjax" / "tex-chtml.js").is_file()  # the math renderer ships with the site
+
+
+def test_the_workshop_slides_follow_the_plan_and_work_in_a_browser(site, tmp_path):
+    """The deck is written from lessons/workshop.md (one slide per section a group sees); it moves with the arrow
+    keys, typesets its math and loads nothing that is not in the site."""
+    needs_chromium()
+    spec = importlib.util.spec_from_file_location("slides", ROOT / "tools" / "slides.py")
+    slides = importlib.util.module_from_spec(spec)
+    spec.loader.exec_module(slides)
+    slides.main([str(site)])
+    deck = (site / "slides" / "workshop.html").read_text()
+    titles = [t for t, _ in slides.sections(slides.PLAN.read_text())]
+    assert deck.count("<section>") == len(titles) >= 10 and "Discussion questions" in titles
+    assert "The instructor" not in titles and "workshop_answers" not in deck  # the plan's notes stay out
+    from playwright.sync_api import sync_playwright
+
+    server = serve(site)
+    try:
+        with sync_playwright() as p:
+            browser = p.chromium.launch(executable_path=CHROMIUM, args=["--no-sandbox", "--disable-gpu",
+                                                                         "--disable-background-networking"])
+            page = browser.new_page(viewport={"width": 1280, "height": 720})
+            errors = []
+            page.on("console", lambda m: errors.append(m.text) if m.type == "error" else None)
+            page.goto(f"http://127.0.0.1:{server.server_port}/slides/workshop.html", wait_until="networkidle")
+            first = page.inner_text("section.current h1")
+            for _ in range(3):
+                page.keyboard.press("ArrowRight")
+            current = page.inner_text("section.current h2")
+            page.evaluate("() => MathJax.startup.promise")
+            math = page.evaluate("() => document.querySelectorAll('mjx-container').length")
+            raw = [s for s in ("\\text{", "\\frac") if s in page.evaluate("() => document.body.textContent")]
+            page.screenshot(path=str(site.parent / "screenshots" / "slides.png"))
+            browser.close()
+    finally:
+        server.shutdown()
+    assert first == titles[0] and current == titles[3] and not errors, (first, current, errors)
+    assert math >= 1 and not raw, (math, raw)  # the plan's $r(\text{in} + \text{out})$, typeset
