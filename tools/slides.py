@@ -17,6 +17,7 @@ from markdown_it import MarkdownIt
 ROOT = Path(__file__).resolve().parent.parent
 PLAN = ROOT / "lessons" / "workshop.md"
 SKIP = ("Before the session", "The graders", "Common failure points", "Timing notes")  # for the instructor's eyes
+NOTES = ("workshop_answers", "slides/workshop.html", "Back to [the course page]")  # paragraphs that stay out too
 
 STYLE = """
 body { margin: 0; font-family: system-ui, sans-serif; background: #f4f6f8; }
@@ -50,7 +51,8 @@ def sections(text: str) -> list:
         title = heading.lstrip("# ").strip()
         if heading.startswith("## "):  # a section: its subsections follow its fate
             skipping = title.startswith(SKIP)
-        body = "\n".join(line for line in body.splitlines() if "workshop_answers" not in line)  # not for the room
+        body = "\n\n".join(para for para in body.split("\n\n")  # the plan's notes to the instructor stay out
+                             if not any(note in para for note in NOTES))
         if not skipping and body.strip():
             out.append((title, body))
     return out
