@@ -46,14 +46,14 @@ show(0);
 def sections(text: str) -> list:
     """(title, markdown) for the plan's title block and each of its ## and ### sections a group should see."""
     parts = re.split(r"^(#{1,3} .+)$", text, flags=re.M)
-    out, skipping = [(parts[1].lstrip("# ").strip(), parts[2])], False
-    for heading, body in zip(parts[3::2], parts[4::2]):
+    out, skipping = [], False
+    for heading, body in zip(parts[1::2], parts[2::2]):
         title = heading.lstrip("# ").strip()
         if heading.startswith("## "):  # a section: its subsections follow its fate
             skipping = title.startswith(SKIP)
         body = "\n\n".join(para for para in body.split("\n\n")  # the plan's notes to the instructor stay out
                              if not any(note in para for note in NOTES))
-        if not skipping and body.strip():
+        if not skipping and (body.strip() or not out):
             out.append((title, body))
     return out
 
