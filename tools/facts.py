@@ -200,8 +200,8 @@ def pissa_lines(sweep, pissa_sweep, pissa, result) -> str:
                  f"{'/'.join(map(str, seeds))} x {len(runs[0]['test_correct'])} tickets: {gap.format(100, ' points')}; "
                  f"the paper's claim (PiSSA scores better than LoRA at the same rank): **{verdict(gap, 1e-9, 1)}**. "
                  f"{cfg['steps']} steps of {cfg['batch_size']} tickets, r = {cfg['r']}, {cfg['targets']}; PiSSA's runs "
-                 f"on {cfg['hardware']['processor']}, LoRA's on {result['config']['hardware']['processor']} (CPUs give "
-                 f"the same accuracy; their times are not compared here).")
+                 f"on {cfg['hardware']['processor']}, LoRA's on {result['config']['hardware']['processor']} (the same "
+                 f"recipe and seeds; float results can differ slightly between CPUs; times are not compared).")
     return "\n".join(lines)
 
 

