@@ -103,6 +103,7 @@ bench: $(STAMP)
 	$(PY) benchmarks/dora_layer.py
 	$(PY) benchmarks/nf4.py
 	$(PY) benchmarks/gpu_step.py
+	$(PY) benchmarks/memory_planner.py
 
 clean:
 	rm -rf $(VENV) .pytest_cache

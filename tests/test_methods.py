@@ -7,6 +7,7 @@ except PiSSA's: its file is converted to a LoRA adapter of rank 2r on the origin
 instead of W_res + s B A, which agree to float32 rounding of W0's size (rtol 1e-5 on logits of size ~1).
 """
 import copy
+import dataclasses
 import json
 
 import pytest
@@ -21,9 +22,11 @@ from nanopeft.lora import LoRALinear
 
 from twins import assert_unchanged, snapshot
 
+from test_merged import check_against_loralib  # noqa: E402
+
 # Methods whose reference is not peft: name -> a test function (model -> None) that compares the method with its
-# own exact reference. Empty today: every method in METHODS has a peft counterpart.
-OWN_REFERENCES = {}
+# own reference. LoRA on output slices: loralib's MergedLinear (peft dropped it).
+OWN_REFERENCES = {"merged": check_against_loralib}
 
 
 def reference_of(cls):
@@ -126,6 +129,7 @@ def test_files_both_ways_on_the_untouched_base(name, rslora, tmp_path):
            {k: written[1][k] for k in ("r", "lora_alpha", "use_rslora")}  # the same config as peft's
 
 
+REQUIRED = {"merged": {"enable_lora": [True, False]}}  # options a method cannot do without
 BAD = [(dict(r=0), "r must be a positive integer"), (dict(alpha=-1.0), "alpha must be a positive number"),
        (dict(dropout=1.5), "dropout must be a number in"), (dict(rslora="yes"), "rslora must be True or False"),
        (dict(bogus=1), "unknown keyword.*bogus"), (dict(targets=("qproj",)), r"\['qproj'\] match no module")]
@@ -136,6 +140,9 @@ BAD = [(dict(r=0), "r must be a positive integer"), (dict(alpha=-1.0), "alpha mu
 def test_bad_input_is_refused_and_leaves_the_model_as_it_was(name, kwargs, error):
     model = tiny_llama()
     snap = snapshot(model)
+    own = {f.name for f in dataclasses.fields(METHODS[name].Options)}
+    if set(kwargs) - own - {"r", "alpha", "targets", "bogus"}:  # an option this method does not have
+        error = "unknown keyword"
     with pytest.raises((ValueError, TypeError), match=error):
-        add_adapters(model, name, **{"targets": "all-linear", **kwargs})
+        add_adapters(model, name, **{"targets": "all-linear", **REQUIRED.get(name, {}), **kwargs})
     assert_unchanged(model, snap)

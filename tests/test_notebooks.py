@@ -93,7 +93,9 @@ def test_the_package_data_ships_in_the_wheel(tmp_path):
     assert done.returncode == 0, done.stderr[-1500:]
     names = zipfile.ZipFile(next(tmp_path.glob("nanopeft-*.whl"))).namelist()
     shipped = {Path(n).name for n in names if "/course/results/" in n}
-    assert {"showdown.json", "lr_sweep.json", "loraplus_sweep.json", "dora_study.json", "step_times.json"} <= shipped
+    assert {"showdown.json", "lr_sweep.json", "loraplus_sweep.json", "dora_study.json", "step_times.json",
+            "planner_grid.json"} <= shipped
+    assert any(n.endswith("nanopeft/lab/model_presets.json") for n in names)  # the planner's presets
 
 
 spec = importlib.util.spec_from_file_location("notebook_headers", ROOT / "tools" / "notebook_headers.py")

@@ -225,6 +225,61 @@ def dora_7b_table() -> str:
     return "\n".join(lines)
 
 
+def seed_memory_table() -> str:
+    """The seed article's memory table, corrected by the planner, beside the QLoRA paper and LLaMA-Factory."""
+    from nanopeft.course.estimates import SEED_SETUP, SEED_WORDS, seed_memory_rows
+
+    lines = ["| method | model | the article | planned peak | what the peak holds (GB) | QLoRA paper, Fig. 6 | "
+             "LLaMA-Factory's rule |", "|---|---|---|---|---|---|---|"]
+    short = {"frozen weights": "frozen", "trainable weights": "trainable", "gradients": "grads",
+             "optimizer state": "AdamW", "activations": "activations", "logits and loss": "logits",
+             "temporaries": "temps", "CUDA context": "CUDA"}
+    for row in seed_memory_rows():
+        held = ", ".join(f"{short[k]} {v / 1e9:.1f}" for k, v in row["parts"].items() if v >= 5e7)
+        fig = f"{row['figure_6_gb']:.1f} GB" if row["figure_6_gb"] else "-"
+        lines.append(f"| {SEED_WORDS[row['method']]} | LLaMA {row['model']} | ~{row['article_gb']} GB | "
+                     f"{row['planned_gb']:.1f} GB | {held} | {fig} | {row['llamafactory_gb']:g} GB |")
+    s = SEED_SETUP
+    lines.append(f"\nPlanned with `nanopeft.lab.planner.plan` for r = {s['r']} on all linear layers, batch {s['batch']} x "
+                 f"{s['seq']} tokens, {s['dtype']}, gradient checkpointing, AdamW, on a GPU (CUDA context counted); "
+                 "\"full fine-tuning (fp16)\" is mixed precision (float32 master weights and AdamW state); the peak is "
+                 "taken at its moment (backward or optimizer step). GB = 10^9 bytes.")
+    return "\n".join(lines)
+
+
+def planner_grid_table() -> str:
+    """The planner against metered steps (benchmarks/memory_planner.py), with accelerate's and LLaMA-Factory's
+    figures for the same configurations."""
+    from nanopeft.lab.planner import plan
+
+    result = load_result("planner_grid")
+    lines = ["| model | method | batch x seq | checkpointing | measured peak | planner | accelerate estimate-memory | "
+             "LLaMA-Factory's rule |", "|---|---|---|---|---|---|---|---|"]
+    errors = []
+    for r in result["rows"]:
+        p = plan(r["model"], r["method"], r=r["r"], batch=r["batch"], seq=r["seq"], checkpointing=r["checkpointing"],
+                 dtype=r["dtype"], optimizer=r["optimizer"], advise=False)
+        m = r["measured_peak"]
+
+        def cell(x):
+            return f"{x / 2**20:,.0f} MiB ({x / m - 1:+.0%})"
+        errors.append(abs(p.peak_bytes / m - 1))
+        lines.append(f"| {r['model']} | {r['method']} | {r['batch']} x {r['seq']} | {'on' if r['checkpointing'] else 'off'}"
+                     f" | {m / 2**20:,.0f} MiB | {p.peak_bytes / 2**20:,.0f} MiB ({p.peak_bytes / m - 1:+.1%}) | "
+                     f"{cell(r['accelerate'])} | {cell(r['llamafactory'])} |")
+    checked = [r for r in result["rows"] if r["memtracker_peak"]]
+    agree = max(abs(r["memtracker_peak"] / r["measured_peak"] - 1) for r in checked)
+    lines.append(f"\n{len(result['rows'])} configurations; the planner's largest error {max(errors):.1%}. Each row: two "
+                 f"training steps (AdamW, r = 8 on all linear layers, float32 on the CPU; bf16 autocast for full-mixed, "
+                 f"bf16 weights for full-bf16) of a randomly initialised model of that shape, every tensor metered by "
+                 f"`nanopeft.lab.memory.LiveTensors`; on {len(checked)} rows PyTorch's MemTracker metered the same "
+                 f"steps and agreed within {agree:.2%}. accelerate's figure is the largest single part of full "
+                 f"fine-tuning with Adam (no activations, no LoRA); LLaMA-Factory's is x GB per billion parameters "
+                 f"(18 full, 8 full in 16 bits, 2 LoRA, 0.5 QLoRA). Measured {result['date']} on {result['hardware']} "
+                 f"(torch {result['torch']}, transformers {result['transformers']}) by `benchmarks/memory_planner.py`.")
+    return "\n".join(lines)
+
+
 def blocks() -> dict:
     """{block name: Markdown}, from the shipped results."""
     result, timings = load_result("showdown"), load_result("step_times")
@@ -233,7 +288,7 @@ def blocks() -> dict:
             "ratio-sweep": ratio_table(load_result("loraplus_sweep")), "loraplus": loraplus_lines(result),
             "dora-study": dora_lines(load_result("dora_study"), result), "memory": memory_table(),
             "qlora": qlora_table(result, timings), "weight-ratios": weight_ratios(),
-            "dora-7b": dora_7b_table(),
+            "dora-7b": dora_7b_table(), "seed-memory": seed_memory_table(), "planner-grid": planner_grid_table(),
             "pissa": pissa_lines(load_result("lr_sweep"), load_result("pissa_lr_sweep"),
                                  load_result("pissa_showdown"), result)}
 

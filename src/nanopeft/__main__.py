@@ -1,6 +1,10 @@
 """`python -m nanopeft demo`: the tour -- every method checked against its reference library (one table), then one
 short LoRA fine-tune of the bundled model on the ticket task, with its loss and memory drawn to runs/demo/.
 
+`python -m nanopeft plan`: will it fit? The peak memory of one training step, part by part, from a model's config
+(a preset, or a config.json), for a method, batch, sequence and GPU; for example
+    python -m nanopeft plan --model llama-2-7b --method qlora --r 16 --batch 4 --seq 512 --checkpointing --device t4
+
 The long runs behind the course's results are `python -m nanopeft.course --help`.
 """
 from __future__ import annotations
@@ -18,6 +22,7 @@ from .lab.data import evaluate, load_task
 from .lab.device import pick_device, pick_dtype, quiet_upstream_warnings
 from .lab.live import LiveDisplay
 from .lab.memory import memory_summary
+from .lab.planner import plan
 from .lab.models import load_base_model
 from .lab.train import summarize, train
 from .lab.verify import verification_table
@@ -75,9 +80,39 @@ def main(argv=None) -> None:
     d.add_argument("--tickets", type=int, default=60, help="held-out tickets scored before and after")
     d.add_argument("--out", default="runs/demo", help="folder for the picture and the history")
 
+    p = sub.add_parser("plan", help="will it fit? predict the peak memory of one training step, part by part")
+    p.add_argument("--model", default="smollm2-135m", help="a preset name or a config.json path "
+                   "(presets: smollm2-135m, llama-2-7b, llama-3-70b, ...; see nanopeft/lab/model_presets.json)")
+    p.add_argument("--method", default="lora", help="full-fp32, full-mixed, full-bf16, lora, loraplus, dora, qlora, "
+                   "qdora")
+    p.add_argument("--r", type=int, default=8)
+    p.add_argument("--targets", default="all-linear", help="all-linear, or names separated by commas")
+    p.add_argument("--batch", type=int, default=1)
+    p.add_argument("--seq", type=int, default=512)
+    p.add_argument("--checkpointing", action="store_true", help="gradient checkpointing on")
+    p.add_argument("--optimizer", default="adamw", help="adamw, adamw8bit or sgd")
+    p.add_argument("--dtype", default="bfloat16", help="float32, float16 or bfloat16: the base's storage and compute")
+    p.add_argument("--device", default=None, help="t4, rtx4090, a100-40, a100-80, h100, cpu, or a number of GiB")
+    p.add_argument("--no-double-quant", action="store_true", help="QLoRA without double quantization")
+    p.add_argument("--dora-norm", default="exact", help="DoRA's row norms: exact or factored (lesson 02)")
+    p.add_argument("--json", action="store_true", help="print one JSON object (peak_bytes, parts, fits, ...)")
+
     args = parser.parse_args(argv)
     quiet_upstream_warnings()
+    if args.command == "plan":
+        return plan_command(args)
     return demo(args)
+
+
+def plan_command(args) -> None:
+    targets = args.targets if args.targets == "all-linear" else args.targets.split(",")
+    try:
+        result = plan(args.model, args.method, r=args.r, targets=targets, batch=args.batch, seq=args.seq,
+                      checkpointing=args.checkpointing, optimizer=args.optimizer, dtype=args.dtype,
+                      device=args.device, double_quant=not args.no_double_quant, dora_norm=args.dora_norm)
+    except (ValueError, TypeError) as e:
+        raise SystemExit(f"nanopeft plan: {e}") from None
+    print(json.dumps(result.to_dict()) if args.json else result)
 
 
 if __name__ == "__main__":

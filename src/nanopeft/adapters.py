@@ -22,15 +22,15 @@ from torch import nn
 
 from .dora import DoRALinear
 from .lora import LoRALinear, check_hyperparameters
+from .merged import MergedLoRALinear
 from .pissa import PiSSALinear
 from .targets import CLASSIFIER_HEADS, ModuleToSave, find_targets, modules_to_save, saved_paths
 
 # ------------------------------------------------------------------------------------------------- the methods
-# Every method nanopeft has, by name: its adapter layer class. The class says what the rest of the package reads
-# (its name and title, how peft's LoraConfig selects it, the tensors it adds and their names in a peft file, its
-# Options dataclass, what it is tested against: see the top of LoRALinear). To add a method, write its class and add
-# it here (CONTRIBUTING.md, "Adding a method"); tests/test_methods.py then checks it against its reference.
-METHODS = {cls.name: cls for cls in (LoRALinear, DoRALinear, PiSSALinear)}
+# Every method nanopeft has, by name: its adapter layer class. The class says what the rest of the package reads (its
+# name and title, how peft's LoraConfig selects it, the tensors it adds and their names in a peft file, its Options,
+# its reference: see the top of LoRALinear). To add one: CONTRIBUTING.md, "Adding a method"; tests/test_methods.py.
+METHODS = {cls.name: cls for cls in (LoRALinear, DoRALinear, PiSSALinear, MergedLoRALinear)}
 
 
 def method_class(name: str) -> type:
@@ -44,11 +44,11 @@ def method_from_peft(config) -> str:
     """The method a peft LoraConfig (or its JSON as a dict) selects, by the fields in each class's `peft_config`; a
     field missing from the file has peft's default (LoRA's value)."""
     get = config.get if isinstance(config, dict) else lambda k, d=None: getattr(config, k, d)
-    found = [n for n, cls in METHODS.items()
-             if all(get(k, LoRALinear.peft_config[k]) == v for k, v in cls.peft_config.items())]
+    peft = {n: c for n, c in METHODS.items() if c.peft_config is not None}  # "merged" has no peft form
+    found = [n for n, cls in peft.items() if all(get(k, LoRALinear.peft_config[k]) == v for k, v in cls.peft_config.items())]
     if len(found) != 1:
         said = ", ".join(f"{k}={get(k, v)!r}" for k, v in LoRALinear.peft_config.items())
-        known = "; ".join(f"{n}: " + ", ".join(f"{k}={v!r}" for k, v in c.peft_config.items()) for n, c in METHODS.items())
+        known = "; ".join(f"{n}: " + ", ".join(f"{k}={v!r}" for k, v in c.peft_config.items()) for n, c in peft.items())
         raise ValueError(f"No nanopeft method is selected by {said}. nanopeft's methods are selected by {known}.")
     return found[0]
 

@@ -19,7 +19,8 @@ import json
 import math
 from importlib import resources
 
-from .estimates import LLAMA_7B, LLAMA_65B, NF4_BITS, gb, training_memory
+from ..lab.planner import DEVICES, HEADROOM, plan
+from .estimates import LLAMA_7B, NF4_BITS, gb, training_memory
 from .report import correct_matrix, groups, interleaved_step_time, table, time_matrix
 from .results import load_result
 from .stats import FAILS, HOLDS, UNSETTLED, exact, first_crossing, paired_bootstrap, verdict
@@ -33,7 +34,30 @@ GPU_SHARE = 0.8  # the advice's rule of thumb: the weights and adapter states ma
 #                  for activations (which grow with batch x length) and the CUDA context (about 0.5 GB)
 
 
-CONSTANTS = {"CLOSE": CLOSE, "-CLOSE": -CLOSE, "NEAR": NEAR, "COMPARABLE": COMPARABLE}
+ABOUT = 0.25  # "~N GB" holds when the planned peak lies within 25% of N: the articles round, and batch and length move
+#               the activations by more than that
+PLANNED = dict(batch=1, seq=512, checkpointing=True, dtype="bfloat16", optimizer="adamw", targets="all-linear")
+PLANNED_WORDS = "planned for {model}, {method} r={r} on all linear layers, batch 1 x 512 tokens, bf16, gradient checkpointing, AdamW, on a GPU"
+
+
+def _t4_usable() -> float:
+    return DEVICES["t4"][1] * 2**20 / (1 + HEADROOM)
+
+
+CONSTANTS = {"CLOSE": CLOSE, "-CLOSE": -CLOSE, "NEAR": NEAR, "COMPARABLE": COMPARABLE, "ABOUT_LOW": 1 - ABOUT,
+             "ABOUT_HIGH": 1 + ABOUT}
+
+
+def _bound(value, default):
+    """A rule's bound: a number, a constant's name, or "NAME*number"."""
+    if value is None:
+        return default
+    if value == "T4_USABLE":
+        return _t4_usable()
+    if isinstance(value, str) and "*" in value:
+        name, factor = value.split("*")
+        return CONSTANTS[name] * float(factor)
+    return CONSTANTS.get(value, value)
 CLAIMS_FILE = resources.files(__package__) / "claims.json"  # the claims' words, sources and rules: data, not code
 
 
@@ -52,14 +76,15 @@ def claims(showdown: dict, timings: dict | None = None) -> list:
     given, else the showdown's own step times (runs apart in time, so other work on the machine weighs in)."""
     data = load_claims()
     q = Quantities(showdown, timings)
-    constants = {**CONSTANTS, "CLOSE_PTS": f"{CLOSE * 100:.0f}"}
+    constants = {**CONSTANTS, "CLOSE_PTS": f"{CLOSE * 100:.0f}", "ABOUT_PCT": f"{ABOUT * 100:.0f}",
+                 "HEADROOM_PCT": f"{HEADROOM * 100:.0f}"}
     out = []
     for entry in data["claims"]:
         if entry.get("needs") and entry["needs"] not in q.by:
             continue
         interval, shown, values = getattr(q, entry["quantity"])(*entry["args"])
         rule = entry["rule"]
-        low, high = (CONSTANTS.get(rule.get(k), rule.get(k, d)) for k, d in (("low", -math.inf), ("high", math.inf)))
+        low, high = _bound(rule.get("low"), -math.inf), _bound(rule.get("high"), math.inf)
         out.append({"claim": entry["claim"], "source": "; ".join(data["sources"][k] for k in entry["sources"]),
                     "measured": entry["measured"].format(**q.context, **values), "interval": shown,
                     "rule": rule["says"].format(**constants), "verdict": verdict(interval, low, high)})
@@ -112,27 +137,17 @@ class Quantities:
         return s["interval"], s["interval"].format(digits=2, unit="x"), {
             "target": s["target"], "eval_every": cfg["eval_every"], "never": cfg["steps"] + cfg["eval_every"]}
 
-    def qlora_7b_share(self):
-        q7, l7 = training_memory(LLAMA_7B, "qlora"), training_memory(LLAMA_7B, "lora-16bit")
-        share = exact(q7["total"] / l7["total"])
-        frozen = self.rows["qlora"]["memory"]["frozen weights"] / self.rows["lora"]["memory"]["frozen weights"]
-        return share, share.format(digits=2, unit="x"), {"frozen_ratio": frozen, "model": LLAMA_7B.name,
-                                                         "qlora_gb": gb(q7["total"]), "lora_gb": gb(l7["total"])}
-
-    def qlora_65b_total(self, r):
-        q65 = training_memory(LLAMA_65B, "qlora", r=r)
-        return exact(q65["total"]), f"{gb(q65['total']):.1f} GB before activations", {
-            "model": LLAMA_65B.name, "weights_gb": gb(q65["weights"]), "rest_gb": gb(q65["total"] - q65["weights"])}
-
-    def full_7b_gb(self):
-        total = gb(training_memory(LLAMA_7B, "full-mixed")["total"])
-        return exact(total), f"{total:.0f} GB", {"model": LLAMA_7B.name, "total_gb": total}
-
-    def lora_7b_gb(self):
-        l7 = training_memory(LLAMA_7B, "lora-16bit")
-        return exact(gb(l7["total"])), f"{gb(l7['total']):.1f} GB", {
-            "model": LLAMA_7B.name, "weights_gb": gb(l7["weights"]), "rest_gb": gb(l7["total"] - l7["weights"]),
-            "activations": self.rows["lora"]["memory"]["activations"] / 2**20}
+    def planned_peak(self, model, method, r=8):
+        """The memory planner's peak for a training step of `model` (see PLANNED), on a GPU (the CUDA context
+        counted; the 20B claim on a T4)."""
+        device = "t4" if "20b" in model else "a100-80"
+        p = plan(model, method, r=r, device=device, **PLANNED)
+        parts = ", ".join(f"{name} {nbytes / 1e9:.{2 if nbytes < 1e9 else 1}f}" for name, nbytes in p.parts.items()
+                          if nbytes >= 5e6)
+        values = {"setup": PLANNED_WORDS.format(model=model, method=method, r=r),
+                  "parts": f"peak {p.peak_bytes / 1e9:.1f} GB at the {p.moment} = {parts}",
+                  "t4_gib": DEVICES["t4"][1] / 1024, "headroom_pct": f"{HEADROOM * 100:.0f}"}
+        return exact(p.peak_bytes), f"{p.peak_bytes / 1e9:.1f} GB at the peak (planned)", values
 
     def double_quant_saving(self):
         rows = self.rows

@@ -22,6 +22,8 @@ from __future__ import annotations
 
 from dataclasses import dataclass
 
+from ..lab.planner import plan
+
 NF4_BITS = 4 + 8 / 64 + 32 / (64 * 256)  # 4-bit codes + 8-bit absmax per 64 + a float32 scale per 256 blocks: 4.127
 ADAM_FP32 = 8  # two float32 moments per trained parameter
 ADAM_8BIT = 2  # two 8-bit moments (block-wise quantized, bitsandbytes)
@@ -90,3 +92,33 @@ def training_memory(arch: Architecture, method: str, r: int = 8) -> dict:
 
 def gb(n_bytes: float) -> float:
     return n_bytes / 1e9
+
+
+# The seed article "Unlocking Efficient LLM Fine-Tuning: LoRA, QLoRA, and DoRA Compared": its memory table (GB), the
+# QLoRA paper's Figure 6 totals for the same models (MB: QLoRA, batch 1, with its paged optimizer), and the
+# planner's presets for them.
+SEED_MODELS = {"7B": "llama-2-7b", "13B": "llama-2-13b", "33B": "llama-33b", "65B": "llama-65b"}
+SEED_TABLE = {"full-mixed": {"7B": 28, "13B": 52, "33B": 130, "65B": 260},
+              "lora": {"7B": 14, "13B": 26, "33B": 65, "65B": 130},
+              "qlora": {"7B": 5, "13B": 8, "33B": 20, "65B": 48},
+              "dora": {"7B": 14, "13B": 26, "33B": 65, "65B": 130}}
+SEED_WORDS = {"full-mixed": "Full fine-tuning (fp16)", "lora": "LoRA (fp16)", "qlora": "QLoRA (NF4)",
+              "dora": "DoRA (fp16)"}
+QLORA_FIGURE_6_MB = {"7B": 5046, "13B": 8476, "33B": 19302, "65B": 37074}
+LLAMAFACTORY = {"full-mixed": 18, "lora": 2, "dora": 2, "qlora": 0.5}  # GB per billion parameters
+SEED_SETUP = dict(r=8, batch=1, seq=512, checkpointing=True, dtype="bfloat16", optimizer="adamw", device="a100-80")
+
+
+def seed_memory_rows() -> list:
+    """The seed article's memory table beside the planner (SEED_SETUP, on a GPU), the QLoRA paper's Figure 6 and
+    LLaMA-Factory's rule: one dict per (method, model)."""
+    rows = []
+    for method, sizes in SEED_TABLE.items():
+        for size, article in sizes.items():
+            p = plan(SEED_MODELS[size], method, advise=False, **SEED_SETUP)
+            billions = int(size.rstrip("B"))
+            rows.append({"method": method, "model": size, "article_gb": article, "planned_gb": p.peak_bytes / 1e9,
+                         "moment": p.moment, "parts": p.parts,
+                         "figure_6_gb": QLORA_FIGURE_6_MB[size] / 1e3 if method == "qlora" else None,
+                         "llamafactory_gb": LLAMAFACTORY[method] * billions})
+    return rows

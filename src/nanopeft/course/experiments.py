@@ -50,7 +50,8 @@ class Recipe:
 
 RECIPES = {
     "full": Recipe(None),
-    **{name: Recipe(name) for name in METHODS},  # every method in the table: "lora", "dora", "pissa"
+    # every method in the table that adapts whole layers ("lora", "dora", "pissa"; "merged" needs a fused layer)
+    **{name: Recipe(name) for name, cls in METHODS.items() if cls.name != "merged"},
     "qlora": Recipe("lora", four_bit=True),
     "qdora": Recipe("dora", four_bit=True),
     "lora+": Recipe("lora", loraplus_ratio=16),

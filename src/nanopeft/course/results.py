@@ -20,6 +20,7 @@ RESULTS = {
     "dora_study": f"python -m nanopeft.course dora-study --seeds 2 {OUT}dora_study.json",
     "step_times": f"python -m nanopeft.course step-times {OUT}step_times.json",
     "dora_layer": f"python benchmarks/dora_layer.py {OUT}dora_layer.json",
+    "planner_grid": f"python benchmarks/memory_planner.py {OUT}planner_grid.json",
     "pissa_lr_sweep": f"python -m nanopeft.course lr-sweep --methods pissa {OUT}pissa_lr_sweep.json",
     "pissa_showdown": f"python -m nanopeft.course showdown --methods pissa --seeds 3 --lrs "
                       f"{OUT[6:]}pissa_lr_sweep.json {OUT}pissa_showdown.json",

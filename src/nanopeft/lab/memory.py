@@ -19,6 +19,8 @@ import threading
 import weakref
 
 import torch
+from torch.utils._python_dispatch import TorchDispatchMode
+from torch.utils._pytree import tree_leaves
 
 COUNTED = ("frozen weights", "trainable weights", "gradients", "optimizer state")  # the tensors we hold
 
@@ -222,3 +224,89 @@ def memory_summary(history: list) -> str:
     else:
         device = f"process RSS peak {fmt_bytes(last['peak'])} (CPU: includes Python and the libraries)"
     return f"memory: {parts}; {device}"
+
+
+class LiveTensors:
+    """Our own meter of tensor memory: the bytes of every tensor storage alive, and their peak, over a block.
+
+        with LiveTensors(model, optimizer) as live:   # counts the model, gradients and optimizer state already there
+            live.phase = "forward"; loss = ...; live.phase = "backward"; loss.backward(); ...
+        live.peak, live.peak_phase
+
+    Every operation is seen (a `TorchDispatchMode`), each new storage counted once from when an operation creates it
+    until it is freed (a weak reference says when), whatever its device. Unlike a device's allocator it counts exact
+    tensor bytes: no rounding to blocks, no cache, no context. Slower than a plain run (a Python call per operation).
+    """
+
+    def __init__(self, *objects):
+        self.live = self.peak = 0
+        self.phase = self.peak_phase = "start"
+        self.phase_peaks = {}  # phase -> the most bytes alive while it was the phase
+        self._refs = {}
+        self._lock = threading.RLock()
+        for obj in objects:  # modules, optimizers, tensors or lists of them
+            for t in _tensors_of(obj):
+                self._count(t)
+        self.start = self.peak = self.live
+
+    def _count(self, t):
+        storage = t.untyped_storage()
+        key = storage._cdata
+        with self._lock:
+            if key in self._refs or storage.nbytes() == 0:
+                return
+            size = storage.nbytes()
+            self._refs[key] = weakref.ref(storage, functools.partial(self._freed, key, size))
+            self.live += size
+            if self.live > self.peak:
+                self.peak, self.peak_phase = self.live, self.phase
+            if self.live > self.phase_peaks.get(self.phase, 0):
+                self.phase_peaks[self.phase] = self.live
+
+    def _freed(self, key, size, ref):
+        with self._lock:
+            if self._refs.get(key) is ref:
+                del self._refs[key]
+                self.live -= size
+
+    def __enter__(self):
+        self._mode = _CountOutputs(self)
+        self._mode.__enter__()
+        return self
+
+    def __exit__(self, *exc):
+        self._mode.__exit__(*exc)
+        return False
+
+
+class _CountOutputs(TorchDispatchMode):
+    """Hands every tensor an operation returns to a LiveTensors meter."""
+
+    def __init__(self, meter):
+        super().__init__()
+        self.meter = meter
+
+    def __torch_dispatch__(self, func, types, args=(), kwargs=None):
+        out = func(*args, **(kwargs or {}))
+        for t in tree_leaves(out):
+            if isinstance(t, torch.Tensor):
+                self.meter._count(t)
+        return out
+
+
+def _tensors_of(obj):
+    if isinstance(obj, torch.Tensor):
+        yield obj
+    elif isinstance(obj, torch.nn.Module):
+        yield from obj.parameters()
+        yield from obj.buffers()
+        yield from (p.grad for p in obj.parameters() if p.grad is not None)
+    elif isinstance(obj, torch.optim.Optimizer):
+        for state in obj.state.values():
+            yield from (v for v in state.values() if torch.is_tensor(v))
+    elif isinstance(obj, dict):
+        for v in obj.values():
+            yield from _tensors_of(v)
+    elif isinstance(obj, (list, tuple)):
+        for v in obj:
+            yield from _tensors_of(v)
