@@ -60,7 +60,8 @@ def local_badge(app, pagename, templatename, context, doctree):
 LESSON_OF = {"00_start_here": "00_start_here", "01_lora": "01_lora", "ex1_lora": "01_lora", "02_dora": "02_dora",
              "ex2_dora": "02_dora", "03_nf4": "03_nf4", "ex3_nf4": "03_nf4", "04_qlora": "04_qlora",
              "05_loraplus": "05_loraplus", "ex4_loraplus": "05_loraplus", "06_showdown": "06_choosing",
-             "07_will_it_fit": "07_will_it_fit"}
+             "07_will_it_fit": "07_will_it_fit",
+             "08_beyond_one_gpu": "08_beyond_one_gpu"}
 
 
 def lesson_link(app, pagename, templatename, context, doctree):

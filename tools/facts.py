@@ -280,6 +280,32 @@ def planner_grid_table() -> str:
     return "\n".join(lines)
 
 
+RANK_CASES = [("llama-3-70b", "qlora", 16, "rtx4090", 2), ("llama-3-70b", "qlora", 16, "rtx4090", 4),
+              ("llama-3-70b", "qlora", 16, "t4", 2), ("llama-3-8b", "lora", 16, "t4", 1),
+              ("llama-3-8b", "lora", 16, "t4", 2), ("llama-3-8b", "qlora", 16, "t4", 1),
+              ("llama-3-8b", "qlora", 16, "t4", 2)]
+
+
+def ranks_table() -> str:
+    """The planner for one rank of N under FSDP2: the lesson's "70B on two 24 GB cards?" and "Kaggle's two T4s?"."""
+    from nanopeft.lab.planner import DEVICES, GIB, plan
+
+    lines = ["| model, method | GPUs | per rank: NF4/16-bit weights | gathered (FSDP) | activations | peak | fits |",
+             "|---|---|---|---|---|---|---|"]
+    for model, method, r, device, ranks in RANK_CASES:
+        p = plan(model, method, r=r, batch=1, seq=1024, checkpointing=True, dtype="bfloat16", device=device,
+                 ranks=ranks, advise=False)
+        lines.append(f"| {model}, {method} r={r} | {ranks} x {DEVICES[device][0]} | "
+                     f"{p.parts['frozen weights'] / GIB:.1f} GiB | {p.parts['gathered weights (FSDP)'] / GIB:.1f} GiB | "
+                     f"{p.parts['activations'] / GIB:.1f} GiB | {p.peak_bytes / GIB:.1f} GiB | "
+                     f"{'yes' if p.fits else 'no'} |")
+    lines.append("\nPlanned by `python -m nanopeft plan --ranks N` (lesson 07's planner): batch 1 x 1,024 tokens per rank, "
+                 "bf16, gradient checkpointing, AdamW, all linear layers; each rank keeps 1/N of every weight, gradient "
+                 "and optimizer state and gathers the embeddings, the head and two decoder layers whole. No CPU "
+                 "offloading.")
+    return "\n".join(lines)
+
+
 def blocks() -> dict:
     """{block name: Markdown}, from the shipped results."""
     result, timings = load_result("showdown"), load_result("step_times")
@@ -289,6 +315,7 @@ def blocks() -> dict:
             "dora-study": dora_lines(load_result("dora_study"), result), "memory": memory_table(),
             "qlora": qlora_table(result, timings), "weight-ratios": weight_ratios(),
             "dora-7b": dora_7b_table(), "seed-memory": seed_memory_table(), "planner-grid": planner_grid_table(),
+            "ranks": ranks_table(),
             "pissa": pissa_lines(load_result("lr_sweep"), load_result("pissa_lr_sweep"),
                                  load_result("pissa_showdown"), result)}
 

@@ -95,6 +95,7 @@ def main(argv=None) -> None:
     p.add_argument("--device", default=None, help="t4, rtx4090, a100-40, a100-80, h100, cpu, or a number of GiB")
     p.add_argument("--no-double-quant", action="store_true", help="QLoRA without double quantization")
     p.add_argument("--dora-norm", default="exact", help="DoRA's row norms: exact or factored (lesson 02)")
+    p.add_argument("--ranks", type=int, default=1, help="one of N ranks under FSDP2 (--batch is each rank's)")
     p.add_argument("--json", action="store_true", help="print one JSON object (peak_bytes, parts, fits, ...)")
 
     args = parser.parse_args(argv)
@@ -109,7 +110,7 @@ def plan_command(args) -> None:
     try:
         result = plan(args.model, args.method, r=args.r, targets=targets, batch=args.batch, seq=args.seq,
                       checkpointing=args.checkpointing, optimizer=args.optimizer, dtype=args.dtype,
-                      device=args.device, double_quant=not args.no_double_quant, dora_norm=args.dora_norm)
+                      device=args.device, double_quant=not args.no_double_quant, dora_norm=args.dora_norm, ranks=args.ranks)
     except (ValueError, TypeError) as e:
         raise SystemExit(f"nanopeft plan: {e}") from None
     print(json.dumps(result.to_dict()) if args.json else result)

@@ -44,20 +44,28 @@ class LinearNF4(nn.Module):
     Buffers, named like bitsandbytes' `Linear4bit` state: `weight` (packed uint8), `absmax`, and with double
     quantization `absmax_scale` and `offset`. The bias (if any) is a frozen parameter in its original dtype.
     compute_dtype: the dtype of the matmul (None: the input's dtype, bitsandbytes' default for float32 inputs).
+    quant_storage: the dtype `weight` is kept in (bitsandbytes' `quant_storage`). torch.uint8 (the default): a buffer
+                   of packed bytes. A float dtype (torch.bfloat16): the same bytes seen as numbers of that dtype, in a
+                   frozen parameter, so that FSDP, which shards parameters but not buffers, can shard it; it must
+                   then never be cast (`storage_view`).
 
         forward(x) = F.linear(x.to(cd), dequantize(W).to(cd), bias.to(cd)).to(x.dtype)
     """
 
     is_4bit = True  # what lora.is_4bit looks for: the weight is rebuilt by dequantize(), never written to
 
-    def __init__(self, q: NF4Tensor, bias: torch.Tensor | None = None, compute_dtype: torch.dtype | None = None):
+    def __init__(self, q: NF4Tensor, bias: torch.Tensor | None = None, compute_dtype: torch.dtype | None = None,
+                 quant_storage: torch.dtype = torch.uint8):
         super().__init__()
         if len(q.shape) != 2:
             raise ValueError(f"LinearNF4 needs a 2-D (out, in) weight, got shape {tuple(q.shape)}.")
         self.out_features, self.in_features = q.shape
         self.blocksize, self.weight_shape, self.weight_dtype = q.blocksize, q.shape, q.dtype
-        self.compute_dtype = compute_dtype
-        self.register_buffer("weight", q.packed)
+        self.compute_dtype, self.quant_storage = compute_dtype, quant_storage
+        if quant_storage == torch.uint8:
+            self.register_buffer("weight", q.packed)
+        else:  # (bytes / itemsize, 1) numbers whose bytes are the codes: a parameter FSDP can shard along dim 0
+            self.weight = nn.Parameter(storage_view(q.packed, quant_storage), requires_grad=False)
         for name, t in q.tensors().items():
             if name != "packed":
                 self.register_buffer(name, t)
@@ -65,20 +73,26 @@ class LinearNF4(nn.Module):
 
     @classmethod
     def from_linear(cls, linear: nn.Linear, blocksize: int = 64, double_quant: bool = True,
-                    compute_dtype: torch.dtype | None = None) -> "LinearNF4":
+                    compute_dtype: torch.dtype | None = None, quant_storage: torch.dtype = torch.uint8) -> "LinearNF4":
         """Quantize a `nn.Linear`'s weight (the Linear itself is left unchanged)."""
         if isinstance(linear, LinearNF4):
             raise TypeError("This layer is already a LinearNF4: quantizing twice would round the rounding.")
         if not isinstance(linear, nn.Linear):
             raise TypeError(f"from_linear needs an nn.Linear, got {type(linear).__name__}.")
         q = quantize_nf4(linear.weight.detach(), blocksize=blocksize, double_quant=double_quant)
-        return cls(q, linear.bias, compute_dtype)
+        return cls(q, linear.bias, compute_dtype, quant_storage)
 
     @property
     def quantized(self) -> NF4Tensor:
         """The stored weight as an NF4Tensor (views of this layer's buffers)."""
+        if self.weight.dtype != self.quant_storage:
+            raise TypeError(f"LinearNF4's packed weight is stored as {self.quant_storage} but arrived as "
+                            f"{self.weight.dtype}: a cast (model.to(dtype), or an FSDP MixedPrecisionPolicy's "
+                            f"param_dtype) rewrote its bytes and the 4-bit codes are lost. Quantize with "
+                            f"quant_storage equal to the dtype the parameters are cast to, and never cast it.")
+        packed = self.weight if self.quant_storage == torch.uint8 else storage_view(self.weight, torch.uint8)
         dq = hasattr(self, "absmax_scale")
-        return NF4Tensor(self.weight, self.absmax, self.blocksize, self.weight_shape, self.weight_dtype,
+        return NF4Tensor(packed, self.absmax, self.blocksize, self.weight_shape, self.weight_dtype,
                          self.absmax_scale if dq else None, self.offset if dq else None)
 
     def dequantize(self, dtype: torch.dtype | None = None) -> torch.Tensor:
@@ -92,9 +106,22 @@ class LinearNF4(nn.Module):
 
     def extra_repr(self) -> str:
         q = self.quantized
+        storage = "" if self.quant_storage == torch.uint8 else f"quant_storage={self.quant_storage}, "
         return (f"in_features={self.in_features}, out_features={self.out_features}, bias={self.bias is not None}, "
                 f"blocksize={self.blocksize}, double_quant={q.double_quant}, compute_dtype={self.compute_dtype}, "
-                f"{q.bits_per_parameter:.3f} bits/parameter")
+                f"{storage}{q.bits_per_parameter:.3f} bits/parameter")
+
+
+def storage_view(packed: torch.Tensor, dtype: torch.dtype) -> torch.Tensor:
+    """The same bytes seen as `dtype`: (bytes, 1) uint8 <-> (bytes / itemsize, 1) of `dtype`. A view, never a cast:
+    a cast (`.to(dtype)`) would round the numbers and so rewrite the bytes, the 4-bit codes."""
+    flat = packed.reshape(-1)  # (bytes,) or (bytes / itemsize,)
+    nbytes = flat.numel() * flat.element_size()
+    size = torch.empty(0, dtype=dtype).element_size()
+    if nbytes % size:
+        raise ValueError(f"{nbytes} packed bytes cannot be seen as {dtype} ({size} bytes each): choose a "
+                         f"quant_storage whose size divides the byte count, or torch.uint8.")
+    return flat.view(dtype).view(-1, 1)
 
 
 @dataclass
@@ -129,9 +156,11 @@ def model_bytes(model: nn.Module) -> int:
 
 
 def quantize_model(model: nn.Module, skip=("lm_head",), blocksize: int = 64, double_quant: bool = True,
-                   compute_dtype: torch.dtype | None = None) -> QuantizeReport:
+                   compute_dtype: torch.dtype | None = None,
+                   quant_storage: torch.dtype = torch.uint8) -> QuantizeReport:
     """Replace every nn.Linear of `model` in place by a LinearNF4, except those whose path is or ends with a name in
     `skip` (the output head, by default, as transformers' bitsandbytes integration does). Returns a report.
+    quant_storage: torch.uint8 (packed bytes in a buffer) or a float dtype for FSDP (see LinearNF4).
 
     Everything is checked before the first layer changes, so an error leaves the model as it was.
     """
@@ -147,14 +176,18 @@ def quantize_model(model: nn.Module, skip=("lm_head",), blocksize: int = 64, dou
     if not names:
         raise ValueError(f"No nn.Linear layers to quantize in {type(model).__name__} (skip={skip}).")
     modules = dict(model.named_modules())
+    size = torch.empty(0, dtype=quant_storage).element_size()
     for name in names:
         check_quantizable(modules[name].weight.detach(), blocksize, f"{name}.weight")
+        if (modules[name].weight.numel() + 1) // 2 % size:
+            raise ValueError(f"{name}.weight packs into {(modules[name].weight.numel() + 1) // 2} bytes, which cannot "
+                             f"be seen as {quant_storage} ({size} bytes each): use quant_storage=torch.uint8.")
 
     before_model = model_bytes(model)
     params = before = after = 0
     for name in names:
         linear = modules[name]
-        layer = LinearNF4.from_linear(linear, blocksize, double_quant, compute_dtype)
+        layer = LinearNF4.from_linear(linear, blocksize, double_quant, compute_dtype, quant_storage)
         params += linear.weight.numel()
         before += linear.weight.numel() * linear.weight.element_size()
         after += layer.quantized.nbytes
@@ -167,16 +200,18 @@ def prepare_for_kbit_training(model: nn.Module, gradient_checkpointing: bool = T
 
     1. freeze every parameter (adapters are added afterwards and are the only thing that trains);
     2. cast every float16/bfloat16 parameter that is left (norms, embeddings, head, biases) to float32 -- small
-       tensors whose precision matters for stable training; the 4-bit weights stay as they are;
+       tensors whose precision matters for stable training; the 4-bit weights stay as they are (a float quant storage
+       too: a cast would rewrite its codes);
     3. optionally switch on gradient checkpointing: activations of each decoder layer are recomputed in the backward
        instead of stored, trading about one extra forward for most of the activation memory.
 
     peft's default checkpointing is the older "reentrant" kind, which needs the embeddings' output to require grad
     (`enable_input_require_grads`); we use the non-reentrant kind PyTorch now recommends, which does not.
     """
+    packed = {id(m.weight) for m in model.modules() if isinstance(m, LinearNF4)}  # codes kept as floats: never cast
     for p in model.parameters():
         p.requires_grad_(False)
-        if p.dtype in (torch.float16, torch.bfloat16):
+        if p.dtype in (torch.float16, torch.bfloat16) and id(p) not in packed:
             p.data = p.data.float()
     if gradient_checkpointing:
         if not hasattr(model, "gradient_checkpointing_enable"):
@@ -228,7 +263,7 @@ def merge_quantized(model: nn.Module, requantize: bool = False, dtype: torch.dty
         merged = layer.effective_weight()  # W0 + s B A (DoRA: scaled by m / norm), float32
         if requantize:
             q = quantize_nf4(merged.to(base.weight_dtype), base.blocksize, double_quant=hasattr(base, "absmax_scale"))
-            new = LinearNF4(q, base.bias, base.compute_dtype)
+            new = LinearNF4(q, base.bias, base.compute_dtype, base.quant_storage)
             stored = dequantize_nf4(q, torch.float32)
         else:
             new = nn.Linear(base.in_features, base.out_features, bias=base.bias is not None,

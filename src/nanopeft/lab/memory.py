@@ -29,7 +29,7 @@ def _nbytes(t: torch.Tensor) -> int:
     return t.numel() * t.element_size()
 
 
-def tensor_breakdown(model, optimizer=None) -> dict:
+def tensor_breakdown(model, optimizer=None, view=None) -> dict:
     """Bytes held in each counted category (see the module docstring). Shared tensors (tied embeddings) count once.
 
     Frozen weights include buffers. Optimizer state is every tensor in `optimizer.state` (AdamW: exp_avg,
@@ -39,6 +39,7 @@ def tensor_breakdown(model, optimizer=None) -> dict:
     out = dict.fromkeys(COUNTED, 0)
 
     def add(category, t):
+        t = view(t) if view is not None else t  # e.g. a sharded tensor's local part (lab/sharding.py)
         key = (t.data_ptr(), t.shape, t.dtype) if t.numel() else id(t)
         if key not in seen:
             seen.add(key)

@@ -29,7 +29,6 @@ import dataclasses
 import json
 import math
 from functools import lru_cache
-from pathlib import Path
 
 import torch
 from torch._subclasses.fake_tensor import FakeTensorMode
@@ -38,8 +37,8 @@ from ..adapters import add_adapters, set_module
 from ..nf4 import NF4Tensor, _code_on
 from ..qlora import LinearNF4
 from .device import DTYPES
+from .model_configs import load_config, presets
 
-PRESETS_FILE = Path(__file__).with_name("model_presets.json")
 SETUPS = {  # name -> what it trains and how the base is stored
     "full-fp32": "full fine-tuning, float32 weights, gradients and AdamW state",
     "full-mixed": "full fine-tuning in mixed precision: float32 master weights, compute in --dtype (autocast)",
@@ -61,48 +60,7 @@ CUDA_CONTEXT = 500 * 2**20
 HEADROOM = 0.05
 MIN_8BIT_SIZE = 4096  # bitsandbytes' optimizers keep tensors smaller than this in 32-bit state
 PEAK_PARTS = ("frozen weights", "trainable weights", "gradients", "optimizer state", "activations", "logits and loss",
-              "temporaries", "CUDA context")
-
-
-def presets() -> dict:
-    """{name: {"source": where the numbers come from, "config": the transformers config fields}}."""
-    return json.loads(PRESETS_FILE.read_text())
-
-
-def load_config(model):
-    """A causal LM's transformers config from a preset name, a config.json path (or its folder), a dict or a config."""
-    from transformers import AutoConfig, PretrainedConfig
-    from transformers.models.auto.modeling_auto import MODEL_FOR_CAUSAL_LM_MAPPING_NAMES
-
-    if isinstance(model, PretrainedConfig):
-        config = model
-    elif isinstance(model, dict):
-        fields = dict(model)
-        config = AutoConfig.for_model(fields.pop("model_type", "llama"), **fields)
-    elif isinstance(model, (str, Path)):
-        table = presets()
-        path = Path(model)
-        if str(model).lower() in table:
-            return load_config(table[str(model).lower()]["config"])
-        if path.is_dir():
-            path = path / "config.json"
-        if not path.is_file():
-            raise ValueError(f"{model!r} is neither a preset ({', '.join(table)}) nor a config.json file. Pass a "
-                             f"preset name, the path of a model's config.json, or a transformers config.")
-        try:
-            fields = json.loads(path.read_text())
-        except json.JSONDecodeError as e:
-            raise ValueError(f"{path} is not valid JSON ({e}); pass a model's config.json.") from None
-        if "model_type" not in fields:
-            raise ValueError(f"{path} has no 'model_type': it is not a transformers config.json.")
-        return load_config(fields)
-    else:
-        raise TypeError(f"model must be a preset name, a config.json path, a dict or a transformers config, "
-                        f"got {type(model).__name__}.")
-    if config.model_type not in MODEL_FOR_CAUSAL_LM_MAPPING_NAMES:
-        raise ValueError(f"A {config.model_type!r} config is not a causal language model's (transformers has no "
-                         f"AutoModelForCausalLM for it): the planner predicts next-token training steps.")
-    return config
+              "temporaries", "CUDA context", "gathered weights (FSDP)")
 
 
 def _fake_model(config, method, r, targets, dtype, double_quant, dora_norm, layers):
@@ -212,6 +170,9 @@ def _trace(config_json, method, r, targets, dtype, double_quant, dora_norm, opti
     counts["head trainable"] = values[1]["head trainable"]
     counts["largest 4-bit"] = values[1]["largest 4-bit"]
     counts["tied"] = bool(getattr(config, "tie_word_embeddings", False))
+    weights = ("frozen 4-bit", "frozen 16-bit", "frozen 32-bit", "trainable weights")
+    counts["layer weights"] = sum(per_layer[k] for k in weights)  # one decoder layer's weights, whole
+    counts["outside weights"] = sum(values[1][k] for k in weights) - counts["layer weights"]  # embeddings, head
 
     def at(layers_saved):  # bilinear in layers and batch
         one, two = layers_saved(1), layers_saved(2)
@@ -251,7 +212,8 @@ class Plan:
     def __str__(self) -> str:
         s = self.setup
         lines = [f"{s['model']}: {s['method']}, r={s['r']}, batch {s['batch']} x {s['seq']} tokens, {s['dtype']}, "
-                 f"{s['optimizer']}, checkpointing {'on' if s['checkpointing'] else 'off'}"]
+                 f"{s['optimizer']}, checkpointing {'on' if s['checkpointing'] else 'off'}"
+                 + (f"; one of {s['ranks']} FSDP2 ranks" if s["ranks"] > 1 else "")]
         width = max(map(len, self.parts))
         for part, nbytes in self.parts.items():
             if nbytes:
@@ -281,10 +243,11 @@ def _capacity(device):
 
 def plan(model="smollm2-135m", method: str = "lora", r: int = 8, targets="all-linear", batch: int = 1,
          seq: int = 512, checkpointing: bool = False, optimizer: str = "adamw", dtype: str = "bfloat16",
-         device=None, double_quant: bool = True, dora_norm: str = "exact", advise: bool = True) -> Plan:
+         device=None, double_quant: bool = True, dora_norm: str = "exact", ranks: int = 1, advise: bool = True) -> Plan:
     """Predict the peak memory of one training step (see the module docstring). `model`: a preset name, a
     config.json path, a dict or a transformers config. `device`: None or "cpu" (no verdict), a name in DEVICES,
-    or a number of GiB. Raises ValueError, naming the bad input, before any work."""
+    or a number of GiB. `ranks` > 1: one of N ranks under FSDP2, `batch` being each rank's. Raises ValueError, naming
+    the bad input, before any work."""
     method = method.lower()
     if method not in SETUPS:
         raise ValueError(f"Unknown method {method!r}: choose one of {', '.join(SETUPS)}.")
@@ -292,7 +255,7 @@ def plan(model="smollm2-135m", method: str = "lora", r: int = 8, targets="all-li
         raise ValueError(f"Unknown optimizer {optimizer!r}: choose one of {', '.join(OPTIMIZERS)}.")
     if dtype not in DTYPES:
         raise ValueError(f"Unknown dtype {dtype!r}: choose one of {', '.join(DTYPES)}.")
-    for name, value in (("batch", batch), ("seq", seq), ("r", r)):
+    for name, value in (("batch", batch), ("seq", seq), ("r", r), ("ranks", ranks)):
         if not isinstance(value, int) or value < 1:
             raise ValueError(f"{name} must be a positive whole number, got {value!r}.")
     if method == "full-mixed" and dtype == "float32":
@@ -314,7 +277,11 @@ def plan(model="smollm2-135m", method: str = "lora", r: int = 8, targets="all-li
     loss_buffers = 2 * batch * seq * t["vocab"] * 4  # float32 gradients of the log-probabilities and the logits
     logits_and_loss = t["logits"] + loss_buffers
     context = CUDA_CONTEXT if capacity is not None else 0
-    persistent = frozen + trainable + state + context
+    gathered = 0
+    if ranks > 1:  # FSDP2: each rank keeps 1/N of every weight, gradient and state, and gathers whole layers to use
+        frozen, trainable, state, grads = (-(-x // ranks) for x in (frozen, trainable, state, grads))
+        gathered = c["outside weights"] + 2 * c["layer weights"]  # embeddings and head, a layer and the next one
+    persistent = frozen + trainable + state + context + gathered
     # AdamW's square root of the second moments: on a GPU torch's default "foreach" path takes it for all tensors
     # at once (one copy of everything trained); on a CPU it goes tensor by tensor (two copies of the largest).
     if optimizer == "sgd":
@@ -341,7 +308,8 @@ def plan(model="smollm2-135m", method: str = "lora", r: int = 8, targets="all-li
         moments["backward (a layer rebuilt)"] = persistent + saved_ckpt + t["layer saved"] + grads + held + dequant_temp
     moment = max(moments, key=moments.get)
     parts = {"frozen weights": frozen, "trainable weights": trainable, "gradients": 0, "optimizer state": state,
-             "activations": 0, "logits and loss": held, "temporaries": 0, "CUDA context": context}
+             "activations": 0, "logits and loss": held, "temporaries": 0, "CUDA context": context,
+             "gathered weights (FSDP)": gathered}
     if moment == "backward start":
         parts.update({"activations": activations, "logits and loss": logits_and_loss})
     elif moment == "optimizer step":
@@ -354,20 +322,20 @@ def plan(model="smollm2-135m", method: str = "lora", r: int = 8, targets="all-li
         parts.update({"activations": saved_ckpt + t["layer saved"], "gradients": grads, "temporaries": dequant_temp})
     setup = {"model": model if isinstance(model, str) else getattr(config, "_name_or_path", "") or config.model_type,
              "method": method, "r": r, "targets": targets_key, "batch": batch, "seq": seq,
-             "checkpointing": checkpointing, "optimizer": optimizer, "dtype": dtype}
+             "checkpointing": checkpointing, "optimizer": optimizer, "dtype": dtype, "ranks": ranks}
     result = Plan(setup, parts, sum(parts.values()), moment, moments, device_name, capacity)
     if advise and result.fits is False:
         result.advice = _advice(model, method, r, targets, batch, seq, checkpointing, optimizer, dtype, device,
-                                double_quant, dora_norm)
+                                double_quant, dora_norm, ranks)
     return result
 
 
 def _advice(model, method, r, targets, batch, seq, checkpointing, optimizer, dtype, device, double_quant,
-            dora_norm) -> list:
+            dora_norm, ranks) -> list:
     """What would make a configuration that does not fit, fit: the largest batch, then single changes."""
     kw = dict(model=model, method=method, r=r, targets=targets, batch=batch, seq=seq, checkpointing=checkpointing,
               optimizer=optimizer, dtype=dtype, device=device, double_quant=double_quant, dora_norm=dora_norm,
-              advise=False)
+              ranks=ranks, advise=False)
     out = []
     largest = 0
     lo, hi = 1, batch - 1
