@@ -20,7 +20,7 @@ from torch.distributed.tensor import DTensor
 
 from ..nf4 import dequantize_nf4
 from ..qlora import LinearNF4, storage_view
-from .memory import LiveTensors, tensor_breakdown
+from .memory import COUNTED, LiveTensors, tensor_breakdown
 
 STRATEGY_TITLES = {"single": "one process", "ddp": "DDP", "fsdp": "FSDP2"}
 
