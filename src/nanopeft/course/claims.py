@@ -37,7 +37,7 @@ GPU_SHARE = 0.8  # the advice's rule of thumb: the weights and adapter states ma
 ABOUT = 0.25  # "~N GB" holds when the planned peak lies within 25% of N: the articles round, and batch and length move
 #               the activations by more than that
 PLANNED = dict(batch=1, seq=512, checkpointing=True, dtype="bfloat16", optimizer="adamw", targets="all-linear")
-PLANNED_WORDS = "planned for {model}, {method} r={r} on all linear layers, batch 1 x 512 tokens, bf16, gradient checkpointing, AdamW, on a GPU"
+PLANNED_WORDS = "planned for {model}, {method}{rank} on all linear layers, batch 1 x 512 tokens, bf16, gradient checkpointing, AdamW (float32 adapters, its state on the GPU), on a GPU"
 
 
 def _t4_usable() -> float:
@@ -144,9 +144,10 @@ class Quantities:
         p = plan(model, method, r=r, device=device, **PLANNED)
         parts = ", ".join(f"{name} {nbytes / 1e9:.{2 if nbytes < 1e9 else 1}f}" for name, nbytes in p.parts.items()
                           if nbytes >= 5e6)
-        values = {"setup": PLANNED_WORDS.format(model=model, method=method, r=r),
+        values = {"setup": PLANNED_WORDS.format(model=model, method=method, rank="" if method.startswith("full") else f" r={r}"),
                   "parts": f"peak {p.peak_bytes / 1e9:.1f} GB at the {p.moment} = {parts}",
-                  "t4_gib": DEVICES["t4"][1] / 1024, "headroom_pct": f"{HEADROOM * 100:.0f}"}
+                  "t4_gib": DEVICES["t4"][1] / 1024, "t4_gb": DEVICES["t4"][1] * 2**20 / 1e9,
+                  "headroom_pct": f"{HEADROOM * 100:.0f}"}
         return exact(p.peak_bytes), f"{p.peak_bytes / 1e9:.1f} GB at the peak (planned)", values
 
     def double_quant_saving(self):

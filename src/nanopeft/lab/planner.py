@@ -18,6 +18,7 @@ A training step holds, at its peak:
                           one tensor at a time); a 4-bit layer's weight rebuilt for its matmul; tied embeddings'
                           two gradients summed
     CUDA context          on a GPU only: the driver's and kernels' memory, outside PyTorch's allocator (a constant)
+    gathered (FSDP)       with ranks=N: the weights FSDP2 gathers whole (embeddings and head, two decoder layers)
 
 The peak is the largest of a few moments: the start of the backward, the backward through a 4-bit layer, the backward
 with checkpointing (a layer rebuilt), the end of the backward, the optimizer step. `will_it_fit.measure_step` runs the
