@@ -7,6 +7,7 @@ allocator's peak (`max_memory_allocated`) for the step. Timed steps run without 
 import argparse
 import copy
 import os
+import platform
 import statistics
 import time
 
@@ -125,3 +126,15 @@ def ratio(results, a, b, target=None, peak_target=None):
         line += f", CUDA peak {results[a]['peak'] / results[b]['peak']:.3f}"
         line += f" (target <= {peak_target})" if peak_target else ""
     print(line)
+
+
+def hardware(device=None) -> str:
+    """The machine a benchmark ran on, as its tables name it: the GPU, or the CPU model and torch's thread count."""
+    if device is not None and torch.device(device).type == "cuda":
+        return torch.cuda.get_device_name(device)
+    try:
+        with open("/proc/cpuinfo") as f:
+            name = next(line.split(":", 1)[1].strip() for line in f if line.startswith("model name"))
+    except (OSError, StopIteration):
+        name = platform.processor() or "CPU"
+    return f"{name}, {torch.get_num_threads()} threads"

@@ -15,13 +15,13 @@ the medians are printed, with the ratios the benchmarks page (benchmarks/README.
 import argparse
 import datetime
 import json
-import platform
 import statistics
 import time
 
 import torch
 from torch import nn
 
+from common import hardware
 from nanopeft import add_adapters
 from nanopeft.lab.memory import SavedTensors
 
@@ -76,17 +76,6 @@ def saved_bytes(model, x):
     loss.backward()
     model.zero_grad(set_to_none=True)
     return saved.nbytes
-
-
-def hardware(device) -> str:
-    if device.type == "cuda":
-        return torch.cuda.get_device_name(device)
-    try:
-        with open("/proc/cpuinfo") as f:
-            name = next(line.split(":", 1)[1].strip() for line in f if line.startswith("model name"))
-    except (OSError, StopIteration):
-        name = platform.processor() or "CPU"
-    return f"{name}, {torch.get_num_threads()} threads"
 
 
 def main():

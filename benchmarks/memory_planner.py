@@ -16,11 +16,11 @@ import argparse
 import datetime
 import gc
 import json
-import platform
 import time
 
 import torch
 
+from common import hardware
 from nanopeft.lab.planner import load_config
 from nanopeft.lab.will_it_fit import measure_step, random_model
 
@@ -36,15 +36,6 @@ MEMTRACKER_POINTS = {("smollm2-135m", "lora", 1, 64, False), ("smollm2-135m", "q
 
 def dtype_of(method: str) -> str:
     return "bfloat16" if method in ("full-mixed", "full-bf16") else "float32"
-
-
-def hardware() -> str:
-    try:
-        with open("/proc/cpuinfo") as f:
-            name = next(line.split(":", 1)[1].strip() for line in f if line.startswith("model name"))
-    except (OSError, StopIteration):
-        name = platform.processor() or "CPU"
-    return f"{name}, {torch.get_num_threads()} threads"
 
 
 def memtracker_peak(model_name, method, batch, seq, checkpointing) -> int:
