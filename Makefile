@@ -39,9 +39,9 @@ demo: $(STAMP)
 # outputs). NANOPEFT_QUICK=1 shortens training in the notebooks; the committed outputs come from full runs.
 # The exercise notebooks are tested by tests/test_exercises.py (their blanks stop them by design).
 test: docs
-	CI=$${CI:-1} NANOPEFT_QUICK=1 $(PY) -m pytest -q -p no:cacheprovider tests --durations=10
+	NANOPEFT_PROGRESS=0 NANOPEFT_QUICK=1 $(PY) -m pytest -q -p no:cacheprovider tests --durations=10
 	tmp=$$(mktemp -d) && cp notebooks/*.ipynb notebooks/solutions/*.ipynb $$tmp/ && cd $$tmp && \
-	  CI=$${CI:-1} NANOPEFT_QUICK=1 $(abspath $(PY)) -m pytest -q -p no:cacheprovider --nbval-lax --nbval-current-env \
+	  NANOPEFT_PROGRESS=0 NANOPEFT_QUICK=1 $(abspath $(PY)) -m pytest -q -p no:cacheprovider --nbval-lax --nbval-current-env \
 	    --durations=12 *.ipynb; status=$$?; cd / && rm -rf $$tmp; exit $$status
 
 # The course website, from the lessons and the executed notebooks (never re-executed), into build/docs/html:
@@ -82,14 +82,14 @@ lab: $(STAMP)
 # again keeps them (--resume) and trains only what is missing.
 results: $(STAMP)
 	mkdir -p runs
-	CI=1 $(PY) -m nanopeft.course lr-sweep --out runs/lr_sweep.json
-	CI=1 $(PY) -m nanopeft.course showdown --seeds 5 --lrs runs/lr_sweep.json --out runs/showdown.json --resume
-	CI=1 $(PY) -m nanopeft.course loraplus-sweep --seeds 1 --ratios 1 4 16 32 --lrs runs/lr_sweep.json \
+	$(PY) -m nanopeft.course lr-sweep --out runs/lr_sweep.json
+	$(PY) -m nanopeft.course showdown --seeds 5 --lrs runs/lr_sweep.json --out runs/showdown.json --resume
+	$(PY) -m nanopeft.course loraplus-sweep --seeds 1 --ratios 1 4 16 32 --lrs runs/lr_sweep.json \
 	  --reuse runs/showdown.json --out runs/loraplus_sweep.json --resume
-	CI=1 $(PY) -m nanopeft.course dora-study --seeds 2 --out runs/dora_study.json
-	CI=1 $(PY) -m nanopeft.course step-times --lrs runs/lr_sweep.json --out runs/step_times.json
-	CI=1 $(PY) -m nanopeft.course lr-sweep --methods pissa --out runs/pissa_lr_sweep.json
-	CI=1 $(PY) -m nanopeft.course showdown --methods pissa --seeds 3 --lrs runs/pissa_lr_sweep.json \
+	$(PY) -m nanopeft.course dora-study --seeds 2 --out runs/dora_study.json
+	$(PY) -m nanopeft.course step-times --lrs runs/lr_sweep.json --out runs/step_times.json
+	$(PY) -m nanopeft.course lr-sweep --methods pissa --out runs/pissa_lr_sweep.json
+	$(PY) -m nanopeft.course showdown --methods pissa --seeds 3 --lrs runs/pissa_lr_sweep.json \
 	  --out runs/pissa_showdown.json --resume
 
 # Rewrite the numbers that README.md, lessons/*.md and benchmarks/README.md quote from the shipped results (the tests

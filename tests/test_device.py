@@ -57,8 +57,11 @@ def test_run_length_knobs(monkeypatch):
     assert short_runs() and steps(40, 6) == 6
     monkeypatch.setenv("NANOPEFT_STEPS", "3")
     assert steps(40, 6) == 3
-    monkeypatch.setenv("CI", "1")
+    monkeypatch.setenv("NANOPEFT_PROGRESS", "0")
     assert not show_progress()
+    monkeypatch.setenv("CI", "true")  # CI alone is not the switch
+    monkeypatch.delenv("NANOPEFT_PROGRESS")
+    assert show_progress()
 
 
 def test_the_stamp_reports_a_bad_override_in_a_fresh_process():

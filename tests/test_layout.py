@@ -12,7 +12,7 @@ PACKAGE = Path(nanopeft.__file__).parent
 MODULES = {".".join(p.relative_to(PACKAGE.parent).with_suffix("").parts): p for p in PACKAGE.rglob("*.py")}
 # the files of the course: what each paper is, readable with only torch in mind
 METHODS = {f"nanopeft.{m}" for m in ("lora", "dora", "dora_fast", "pissa", "merged", "nf4", "nf4_fast", "nf4_triton",
-                                     "qlora", "loraplus", "adapters", "targets", "peft_format")}
+                                     "qlora", "loraplus", "adapters", "targets", "peft_format", "peft_config")}
 METHOD_THIRD_PARTY = {"torch", "__future__", "math", "dataclasses", "functools", "copy", "re", "json",
                       "os", "tempfile", "pathlib"}
 EXTRA_THIRD_PARTY = {"nanopeft.nf4_triton": {"triton"}, "nanopeft.peft_format": {"safetensors"}}
@@ -142,9 +142,10 @@ def test_benchmarks_use_the_package_as_a_learner_would():
 
 def test_the_method_folder_stays_small():
     methods = [p for p in PACKAGE.glob("*.py") if not p.name.startswith("__")]
-    # 13: one file per method reads best, and LoRA on output slices (merged.py, loralib's MergedLinear) is its own
-    # method; lora.py could not hold it and stay the readable core
-    assert len(methods) <= 13, sorted(p.name for p in methods)
+    # 14: one file per method reads best, and LoRA on output slices (merged.py, loralib's MergedLinear) is its own
+    # method; lora.py could not hold it and stay the readable core. What a peft file's config asks (peft_config.py)
+    # is its own job beside writing and reading the file (peft_format.py), which would otherwise pass 300 lines
+    assert len(methods) <= 14, sorted(p.name for p in methods)
     for p in methods:
         assert len(p.read_text().splitlines()) <= 300, f"{p.name}: over 300 lines"
 

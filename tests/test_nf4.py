@@ -16,6 +16,7 @@ from nanopeft.lab.models import tiny_llama
 from nanopeft.lab.codes import fp4_code
 from nanopeft.nf4 import NF4Tensor, dequantize_blockwise, dequantize_nf4, dynamic_code, nf4_code, pack, quantize_nf4, unpack
 from nanopeft.qlora import LinearNF4, merge_quantized, prepare_for_kbit_training, quantize_model
+from nanopeft.lab.bnb_cpu import bnb_linear4bit
 from nanopeft.lab.twins import compare_with_peft, copy_bnb_state, nf4_from_bnb, peft_twin, quantized_bases
 
 CPU = torch.device("cpu")
@@ -216,23 +217,13 @@ def test_storage_equals_theory_on_the_bundled_model(smollm):
 
 
 # --------------------------------------------------------------------------------------------------- layers
-def bnb_linear(lin, double_quant, compute_dtype):
-    layer = bnb.nn.Linear4bit(lin.in_features, lin.out_features, bias=lin.bias is not None,
-                              compute_dtype=compute_dtype, quant_type="nf4", compress_statistics=double_quant)
-    layer.weight = bnb.nn.Params4bit(lin.weight.data.clone(), requires_grad=False, quant_type="nf4",
-                                     compress_statistics=double_quant)
-    if lin.bias is not None:
-        layer.bias = nn.Parameter(lin.bias.data.clone())
-    return layer.to("cpu")
-
-
 @pytest.mark.parametrize("compute_dtype", [torch.float32, torch.bfloat16, torch.float16])
 @pytest.mark.parametrize("double_quant", [False, True])
 @pytest.mark.parametrize("bias", [True, False])
 def test_linear_nf4_equals_bnb_linear4bit(compute_dtype, double_quant, bias):
     torch.manual_seed(0)
     lin = nn.Linear(128, 192, bias=bias)
-    theirs = bnb_linear(lin, double_quant, compute_dtype)
+    theirs = bnb_linear4bit(lin, double_quant, compute_dtype)  # pinned to bitsandbytes' exact CPU path
     if double_quant:  # same stored state (the 8-bit absmax codes may differ by a step, see above)
         ours = LinearNF4(nf4_from_bnb(theirs.weight), lin.bias, compute_dtype)
     else:
@@ -246,6 +237,9 @@ def test_linear_nf4_equals_bnb_linear4bit(compute_dtype, double_quant, bias):
         y.pow(2).sum().backward()
         y2.pow(2).sum().backward()
         assert torch.equal(x.grad, x2.grad)
+    with torch.no_grad():  # inference too (eval mode, no gradient): on an AVX512-BF16 CPU only the pin keeps it exact
+        x = torch.randn(3, 5, 128)
+        assert torch.equal(ours.eval()(x), theirs.eval()(x))
 
 
 def test_linear_nf4_keeps_no_full_weight_for_backward():
@@ -273,6 +267,22 @@ def test_qlora_matches_peft_on_bitsandbytes(method, double_quant, dtype):
     ids = torch.randint(0, 256, (2, 16), generator=torch.Generator().manual_seed(0))
     diffs = compare_with_peft(ours, theirs, ids)
     assert set(diffs) >= {"logits", "lora_A", "lora_B"}
+    assert all(d == 0.0 for d in diffs.values()), diffs
+
+
+@pytest.mark.parametrize("method", ["lora", "dora"])
+@pytest.mark.parametrize("dtype", [torch.bfloat16, torch.float16])
+def test_qlora_with_a_16_bit_compute_dtype_matches_peft(dtype, method):
+    """A T4 learner's QLoRA (BitsAndBytesConfig(bnb_4bit_compute_dtype=torch.float16)), an A100's in bfloat16: peft
+    moves a new adapter to the 4-bit layer's compute dtype and back to float32, which rounds A; the twins start from
+    peft's A and then compute the same logits and gradients."""
+    ours_base, theirs_base = quantized_bases(tiny_llama().to(dtype), double_quant=False, compute_dtype=dtype)
+    ours, theirs = peft_twin(ours_base, method=method, targets="all-linear", peft_base=theirs_base, perturb=False)
+    for path, layer in adapter_layers(ours).items():
+        ref = theirs.get_submodule("base_model.model." + path).lora_A["default"].weight
+        assert ref.dtype == torch.float32 and torch.equal(layer.lora_A, ref), path
+    ours, theirs = peft_twin(ours_base, method=method, targets="all-linear", dropout=0.1, peft_base=theirs_base)
+    diffs = compare_with_peft(ours, theirs, torch.randint(0, 256, (2, 16), generator=torch.Generator().manual_seed(0)))
     assert all(d == 0.0 for d in diffs.values()), diffs
 
 

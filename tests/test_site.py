@@ -102,7 +102,21 @@ def needs_chromium():
     if CHROMIUM is None:
         if os.environ.get("CI", "").lower() in ("1", "true", "yes"):
             pytest.fail("Chromium is missing on CI: .ci/run installs it (apt-get install -y chromium)")
-        pytest.skip("no Chromium: install Debian's `chromium` package (apt-get install chromium) to see the site")
+        pytest.skip("no Chromium: install it to run the browser tests (Debian/Ubuntu: sudo apt-get install chromium; "
+                    "macOS: brew install --cask chromium); `make docs` builds the site without it")
+
+
+@pytest.mark.parametrize("ci", [None, "true"])
+def test_without_chromium_a_laptop_skips_and_ci_fails(monkeypatch, ci):
+    monkeypatch.setattr(sys.modules[__name__], "CHROMIUM", None)
+    if ci is None:
+        monkeypatch.delenv("CI", raising=False)
+        with pytest.raises(pytest.skip.Exception, match="apt-get install chromium"):
+            needs_chromium()
+    else:
+        monkeypatch.setenv("CI", ci)
+        with pytest.raises(pytest.fail.Exception, match="missing on CI"):
+            needs_chromium()
 
 
 @pytest.mark.parametrize("name", list(PAGES))

@@ -18,6 +18,7 @@ from pathlib import Path
 import torch
 
 from .adapters import add_adapters
+from .lab.bnb_cpu import describe_cpu_path
 from .lab.data import evaluate, load_task
 from .lab.device import pick_device, pick_dtype, quiet_upstream_warnings
 from .lab.live import LiveDisplay
@@ -40,6 +41,7 @@ def demo(args) -> None:
     print(f"  {'method':>6} | {'reference':<19} | {'compared':<44} | max |diff| | pass")
     for method, ref, what, diff, tol, ok in rows:
         print(f"  {method:>6} | {ref:<19} | {what:<44} | {diff:10.1e} | {ok}")
+    print(f"  {describe_cpu_path()}")
     if not all(r[-1] for r in rows):
         raise SystemExit("A method does not match its reference: see the table above.")
 

@@ -30,14 +30,14 @@ from torch import nn
 from safetensors import SafetensorError
 from safetensors.torch import load_file, save_file
 
-from .adapters import METHODS, add_adapters, adapter_layers, method_from_peft, peft_options
+from .adapters import METHODS, add_adapters, adapter_layers, peft_options
 from .lora import features, is_conv1d
+from .peft_config import KEYS_OF_FEATURES, method_of_file, refuse_unknown_fields
 from .targets import ModuleToSave, modules_to_save, saved_paths
 
 CONFIG_NAME = "adapter_config.json"
 WEIGHTS_NAME = "adapter_model.safetensors"
 PREFIX = "base_model.model."  # peft wraps the model twice: PeftModel.base_model (LoraModel) .model
-
 
 # peft's task types, by the end of a transformers model's class name (peft.utils.peft_types.TaskType)
 TASK_TYPES = (("ForCausalLM", "CAUSAL_LM"), ("LMHeadModel", "CAUSAL_LM"), ("ForSequenceClassification", "SEQ_CLS"),
@@ -149,14 +149,13 @@ def read_adapter(folder):
     for key in ("r", "lora_alpha"):
         if key not in config:
             raise ValueError(f"{folder / CONFIG_NAME} has no {key!r}.")
-    if config.get("rank_pattern") or config.get("alpha_pattern"):
-        raise ValueError("Adapters with per-layer rank_pattern/alpha_pattern are not supported by nanopeft.")
+    refuse_unknown_fields(config)
     try:
         tensors = load_file(folder / WEIGHTS_NAME)
     except (SafetensorError, OSError, ValueError) as err:
         raise ValueError(f"{folder / WEIGHTS_NAME} cannot be read ({err}); the file is corrupt.") from err
 
-    method = method_from_peft(config)  # a ValueError naming the fields if no method of ours fits
+    method = method_of_file(config, rewritten_base=True)  # the weights' names (load_adapter asks about the base)
     names = {theirs: ours for ours, theirs in METHODS[method].PEFT_NAMES.items()}
     foreign = {theirs: n for n, c in METHODS.items() for theirs in c.PEFT_NAMES.values() if theirs not in names}
     weights, others = {}, {}
@@ -174,6 +173,9 @@ def read_adapter(folder):
                              f"{method!r}; the files do not belong together.")
         elif config.get("modules_to_save") and ".lora_" not in rest:
             others[rest] = tensor  # a module trained fully; load_adapter finds its place in the model
+        elif any(rest.endswith(f".{k}") for k in KEYS_OF_FEATURES):
+            feature = next(f for k, f in KEYS_OF_FEATURES.items() if rest.endswith(f".{k}"))
+            raise ValueError(f"{WEIGHTS_NAME} holds {key}: {feature}, which nanopeft does not implement.")
         else:
             raise ValueError(f"Key {key!r} is not a {method} weight nanopeft knows ({sorted(names)}).")
     for path, found in weights.items():
@@ -185,16 +187,21 @@ def read_adapter(folder):
     return config, weights, others
 
 
-def load_adapter(model: nn.Module, folder) -> nn.Module:
+def load_adapter(model: nn.Module, folder, rewritten_base: bool = False) -> nn.Module:
     """Load a peft adapter folder (written by nanopeft or by peft's `save_pretrained`) into `model`.
 
     A plain model gets adapters added as the config says, on exactly the modules the file names (and the modules
     it trained fully, from `modules_to_save`); a model that already has adapters must have the same ones (method,
     r, alpha, modules). Every check runs before the model is changed. The adapters are trainable afterwards
-    (peft's `is_trainable=False` pitfall does not apply).
+    (peft's `is_trainable=False` pitfall does not apply), but for MiCA's B, which stays frozen as in peft.
+
+    How the file's weights were started does not matter (peft's init_lora_weights: True, False, "gaussian", "eva",
+    "orthogonal", "mica"), except where that start rewrote the base (OLoRA, CorDA, LoRA-GA, LoftQ, PiSSA by a
+    randomized SVD): such a file is refused unless `rewritten_base=True` says that `model` is the base it wrote.
+    Exact PiSSA's rewrite is redone here, as peft does.
     """
     config, weights, others = read_adapter(folder)
-    method = method_from_peft(config)
+    method = method_of_file(config, rewritten_base)
     cls = METHODS[method]
     r, alpha = config["r"], config["lora_alpha"]
     defaults = cls.Options()
@@ -241,8 +248,8 @@ def load_adapter(model: nn.Module, folder) -> nn.Module:
         shapes = {p: (l.in_features, l.out_features) for p, l in existing.items()}
     else:
         shapes = {}
-        for path in weights:
-            if path not in modules:
+        for path in sorted(weights, key=lambda p: p not in modules):  # a layer we cannot wrap is named before a
+            if path not in modules:                                    # path inside it (peft's MHA: its out_proj)
                 raise ValueError(f"The adapter targets {path}, which is not a module of {type(model).__name__}: "
                                  f"it was trained for a different model.")
             shapes[path] = features(modules[path])  # a TypeError naming the type for a layer LoRA cannot wrap
@@ -264,4 +271,7 @@ def load_adapter(model: nn.Module, folder) -> nn.Module:
                 getattr(layers[path], name).copy_(t)
         for key, path in placed.items():
             wrappers[path].trained.state_dict()[key[len(path) + 1:]].copy_(others[key])
+    if config.get("init_lora_weights") == "mica":  # MiCA trains A only (peft's MiCALinearVariant freezes B)
+        for layer in layers.values():
+            layer.lora_B.requires_grad_(False)
     return model

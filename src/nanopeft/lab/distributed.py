@@ -54,6 +54,10 @@ from .train import IGNORE_INDEX, encode, warmup_linear_decay
 # what each --method trains: (the adapter method, whether the frozen base is stored in NF4)
 METHOD_CHOICES = {"lora": ("lora", False), "dora": ("dora", False), "qlora": ("lora", True), "qdora": ("dora", True)}
 STRATEGIES = ("ddp", "fsdp", "single")  # single: one process, no wrapper (what the other two must equal)
+# AdamW divides each entry's step by the root of its own running mean square, so the last bits of a near-zero gradient
+# can move a weight by a share of the learning rate; SGD with momentum moves it in proportion to the gradient, which
+# lets tests/test_distributed.py bound how far two runs' weights may drift apart from float32 arithmetic alone.
+RANK_OPTIMIZERS = {"adamw": torch.optim.AdamW, "sgd": lambda params, lr: torch.optim.SGD(params, lr=lr, momentum=0.9)}
 
 
 @dataclass
@@ -64,7 +68,8 @@ class RunConfig:
     steps: int = 3  # optimizer steps
     batch: int = 8  # the global batch, in rows: each of N ranks trains on batch / N of them
     checkpointing: bool = False  # recompute each decoder layer's activations in the backward instead of keeping them
-    lr: float = 1e-3  # AdamW's, warmed up and decayed as in nanopeft.lab.train
+    lr: float = 1e-3  # the optimizer's, warmed up and decayed as in nanopeft.lab.train
+    optimizer: str = "adamw"  # "adamw"; or "sgd" (momentum 0.9), whose update is linear in the gradient (the tests)
     r: int = 8
     alpha: float = 16
     max_grad_norm: float = 1.0  # clip the global gradient norm (over all ranks' shards) to this
@@ -145,6 +150,8 @@ def train_rank(c: RunConfig) -> dict:
     if c.strategy not in STRATEGIES or c.method not in METHOD_CHOICES or c.model not in ("tiny", "bundled"):
         raise ValueError(f"strategy {c.strategy!r}, method {c.method!r}, model {c.model!r}: choose from "
                          f"{STRATEGIES}, {tuple(METHOD_CHOICES)} and ('tiny', 'bundled').")
+    if c.optimizer not in RANK_OPTIMIZERS:
+        raise ValueError(f"optimizer {c.optimizer!r}: choose from {tuple(RANK_OPTIMIZERS)}.")
     if c.param_dtype and (c.strategy != "fsdp" or c.param_dtype not in ("bfloat16", "float16")):
         raise ValueError(f"--param-dtype {c.param_dtype} is FSDP2's mixed precision: bfloat16 or float16 with "
                          f"--strategy fsdp only.")
@@ -172,7 +179,7 @@ def train_rank(c: RunConfig) -> dict:
     else:
         wrapped = model
     trainable = [p for p in model.parameters() if p.requires_grad]  # under FSDP2: DTensor shards, made after sharding
-    optimizer = torch.optim.AdamW(trainable, lr=c.lr)
+    optimizer = RANK_OPTIMIZERS[c.optimizer](trainable, lr=c.lr)
     scheduler = warmup_linear_decay(optimizer, c.steps)
     names = [n for n, p in model.named_parameters() if p.requires_grad]
     b = c.batch // world
@@ -287,6 +294,7 @@ def main(argv=None) -> None:
     p.add_argument("--steps", type=int, default=RunConfig.steps)
     p.add_argument("--batch", type=int, default=RunConfig.batch, help="the global batch (rows over all ranks)")
     p.add_argument("--lr", type=float, default=RunConfig.lr)
+    p.add_argument("--optimizer", default=RunConfig.optimizer, choices=tuple(RANK_OPTIMIZERS))
     p.add_argument("--checkpointing", action="store_true", help="gradient checkpointing (non-reentrant)")
     p.add_argument("--param-dtype", default=None, help="FSDP2 mixed precision: bfloat16 or float16")
     p.add_argument("--eval-tickets", type=int, default=0, help="bundled model: test tickets to score at the end")

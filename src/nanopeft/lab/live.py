@@ -71,7 +71,8 @@ class LiveDisplay:
         peaks = (f"CUDA allocated peak {fmt_bytes(mem['cuda allocated peak'])}, reserved "
                  f"{fmt_bytes(mem['cuda reserved peak'])}" if "cuda allocated peak" in mem
                  else f"RSS peak {fmt_bytes(mem['peak'])}")
-        return (f"[{self.title}] step {record['step']:4d}  loss {record['loss']:.4f}  {record['step_time']:.2f} s/step  "
+        skipped = "  (skipped: float16 overflow, loss scale halved)" if record.get("skipped") else ""
+        return (f"[{self.title}] step {record['step']:4d}  loss {record['loss']:.4f}{skipped}  {record['step_time']:.2f} s/step  "
                 f"trainable {fmt_bytes(mem['trainable weights'])}  grads {fmt_bytes(mem['gradients'])}  "
                 f"optimizer {fmt_bytes(mem['optimizer state'])}  activations {fmt_bytes(mem['activations'])}  {peaks}")
 
@@ -81,6 +82,11 @@ class LiveDisplay:
 
         fig, (ax1, ax2) = plt.subplots(1, 2, figsize=(11, 3.2), gridspec_kw={"width_ratios": [1, 1.3]})
         ax1.plot([r["step"] for r in self.records], [r["loss"] for r in self.records], color="tab:blue")
+        skipped = [r for r in self.records if r.get("skipped")]
+        if skipped:  # float16: steps the loss scaler skipped (an overflow; no weight moved)
+            ax1.scatter([r["step"] for r in skipped], [r["loss"] for r in skipped], color="tab:red", marker="x",
+                        zorder=3, label=f"skipped ({len(skipped)}): float16 overflow")
+            ax1.legend(fontsize=7)
         ax1.set(xlabel="step", ylabel="loss", title=f"{self.title}: training loss")
         mem = self.records[-1]["memory"]
         mib = 2 ** 20

@@ -13,6 +13,11 @@ below about 6e-8, so small gradients flowing back through the half-precision lay
 `GradScaler` multiplies the loss by a large factor (2^16 to start), divides the float32 adapter gradients by it
 before the step, and skips a step (halving the factor) whenever a gradient overflowed. bfloat16 has float32's
 range and needs none of this.
+
+A skipped step is normal at the start: the scaler begins high on purpose, and finds the largest factor that does not
+overflow by halving it once per skipped step (on the bundled model, the first step or two). Such a step changes no
+weight, so the learning-rate schedule does not advance either (the record says `skipped: True`): a run of `steps`
+batches then takes that many optimizer steps less the skipped ones.
 """
 from __future__ import annotations
 
@@ -92,8 +97,10 @@ def train(model, tokenizer, examples, steps: int, optimizer, batch_size: int = 8
 
     schedule: warm up and then decay the optimizer's learning rates (`warmup_linear_decay`); False keeps them fixed.
 
-    Each record: `step`, `loss`, `step_time` (seconds, forward + backward + optimizer step), `lr`, and `memory`
-    (bytes per counted part, the activations saved for the step, and the device's peaks: `MemoryMeter.step`).
+    Each record: `step`, `loss`, `step_time` (seconds, forward + backward + optimizer step), `lr`, `skipped` (True
+    when the float16 loss scaler found an overflow and skipped the optimizer step, see the module docstring), `scale`
+    (the loss scale, 1.0 without float16) and `memory` (bytes per counted part, the activations saved for the step,
+    and the device's peaks: `MemoryMeter.step`).
     """
     examples = check_examples(examples)
     if not isinstance(steps, int) or steps < 1:
@@ -139,13 +146,16 @@ def train(model, tokenizer, examples, steps: int, optimizer, batch_size: int = 8
             batch = encode(tokenizer, batch_examples, device)
 
             # 2-3. forward on the answer tokens only, backward, step
+            scale = scaler.get_scale()  # 1.0 when the scaler is off
             loss, saved, step_time = training_step(model, batch, optimizer, scaler, trainable, max_grad_norm)
-            if scheduler is not None:
+            skipped = scaler.get_scale() < scale  # the scaler halves its factor exactly when it skipped the step
+            lr = optimizer.param_groups[0]["lr"]  # the rate this step used (or would have)
+            if scheduler is not None and not skipped:  # a skipped step moved nothing: the schedule waits for it
                 scheduler.step()
 
             # 4. record, with the gradients still alive (that is when memory peaks)
-            record = {"step": step, "loss": loss, "step_time": step_time, "lr": optimizer.param_groups[0]["lr"],
-                      "memory": meter.step(saved), "last": step == steps}
+            record = {"step": step, "loss": loss, "step_time": step_time, "lr": lr, "skipped": skipped,
+                      "scale": scale, "memory": meter.step(saved), "last": step == steps}
             optimizer.zero_grad(set_to_none=True)
             history.append(record)
             bar.set_postfix(loss=f"{record['loss']:.3f}")

@@ -17,11 +17,10 @@ import torch
 from torch import nn
 
 from ..adapters import METHODS, adapter_layers, add_adapters, set_module
-from ..targets import modules_to_save
 from ..lora import is_conv1d
-from ..nf4 import NF4Tensor
 from ..qlora import LinearNF4, quantize_model
-from ..targets import path_matches
+from ..targets import modules_to_save, path_matches
+from .bnb_cpu import bnb_linear4bit, nf4_from_bnb
 
 
 @torch.no_grad()
@@ -30,9 +29,13 @@ def replay_peft_init(model, seed: int) -> None:
 
     Why this is needed: peft builds `lora_A = nn.Linear(in, r)` and `lora_B = nn.Linear(r, out)`, whose
     constructors each draw a Kaiming-uniform weight (consuming random numbers), and only then re-draws A and zeroes
-    B; on a float16/bfloat16 base it also moves the new adapter to that dtype before up-casting it, which rounds A.
-    Drawing A once gives numbers from the same distribution but not the same numbers; consuming the same random
+    B. Drawing A once gives numbers from the same distribution but not the same numbers; consuming the same random
     numbers in the same order (layers in `named_modules()` order, on the CPU) gives peft's A bit for bit.
+
+    peft then moves the new adapter to the base layer's dtype and up-casts it to float32 again, which rounds A
+    through that dtype: the weight's dtype for a 16-bit base, and for a 4-bit base its compute dtype (peft's
+    `_get_base_layer_device_and_dtype` reads `compute_dtype` where a layer has one: bitsandbytes' `Linear4bit`, and
+    our `LinearNF4`, named the same), which is float16 on a T4.
     """
     torch.manual_seed(seed)
     for layer in adapter_layers(model).values():
@@ -42,8 +45,9 @@ def replay_peft_init(model, seed: int) -> None:
         nn.init.kaiming_uniform_(A, a=math.sqrt(5))  # nn.Linear(in, r).__init__ draws this, then it is overwritten
         nn.init.kaiming_uniform_(B, a=math.sqrt(5))  # nn.Linear(r, out).__init__ draws this, then B is zeroed
         nn.init.kaiming_uniform_(A, a=math.sqrt(5))  # the A that is kept
-        dtype = layer.base_layer.weight.dtype  # a 4-bit base stores uint8 here: peft then moves without a cast
-        if dtype.is_floating_point:
+        base = layer.base_layer
+        dtype = base.compute_dtype if hasattr(base, "compute_dtype") else base.weight.dtype  # as peft reads it
+        if dtype is not None and dtype.is_floating_point:  # (a 4-bit base's uint8 codes, or no compute dtype: no cast)
             A = A.to(dtype).float()
         layer.lora_A.copy_(A)
 
@@ -59,32 +63,26 @@ def peft_params(peft_model, path: str) -> dict:
 
 def bnb_quantize(model, double_quant: bool = True, compute_dtype=None, skip=("lm_head",)):
     """What `BitsAndBytesConfig(load_in_4bit=True, bnb_4bit_quant_type="nf4", ...)` does to a loaded model, done in
-    place on `model`: every nn.Linear but the head becomes a `bnb.nn.Linear4bit` holding the same weight in NF4."""
-    import bitsandbytes as bnb
-
+    place on `model`: every nn.Linear but the head becomes a `bnb.nn.Linear4bit` holding the same weight in NF4,
+    pinned to bitsandbytes' exact CPU path (`nanopeft.lab.bnb_cpu`: on an AVX512-BF16 CPU an eval-mode forward would
+    otherwise answer in bfloat16)."""
     names = [n for n, m in model.named_modules() if isinstance(m, nn.Linear)
              and not any(path_matches(n, s) for s in skip)]
     for name in names:
-        lin = model.get_submodule(name)
-        layer = bnb.nn.Linear4bit(lin.in_features, lin.out_features, bias=lin.bias is not None,
-                                  compute_dtype=compute_dtype, quant_type="nf4", compress_statistics=double_quant)
-        layer.weight = bnb.nn.Params4bit(lin.weight.data.clone(), requires_grad=False, quant_type="nf4",
-                                         compress_statistics=double_quant, blocksize=64)
-        if lin.bias is not None:
-            layer.bias = nn.Parameter(lin.bias.data.clone(), requires_grad=False)
-        set_module(model, name, layer.to(lin.weight.device))  # moving a Params4bit to a device quantizes it
+        set_module(model, name, bnb_linear4bit(model.get_submodule(name), double_quant, compute_dtype))
     # what transformers sets on a model it loads in 4 bits: peft then wraps Linear4bit in its own 4-bit LoRA layer
     # (peft.tuners.lora.bnb.Linear4bit), as for every real QLoRA user; without it peft takes its plain Linear layer
     model.is_loaded_in_4bit = True
     return model
 
 
-def quantized_bases(base, double_quant: bool = False):
+def quantized_bases(base, double_quant: bool = False, compute_dtype=None):
     """(ours, bitsandbytes'): copies of `base` quantized by `nanopeft.qlora.quantize_model` and by `bnb_quantize`,
-    the two bases of a QLoRA comparison (`peft_twin(ours, ..., peft_base=theirs)`)."""
+    the two bases of a QLoRA comparison (`peft_twin(ours, ..., peft_base=theirs)`); compute_dtype as
+    `BitsAndBytesConfig(bnb_4bit_compute_dtype=...)` sets it (float16 on a T4)."""
     ours = copy.deepcopy(base)
-    quantize_model(ours, double_quant=double_quant)
-    return ours, bnb_quantize(copy.deepcopy(base), double_quant=double_quant)
+    quantize_model(ours, double_quant=double_quant, compute_dtype=compute_dtype)
+    return ours, bnb_quantize(copy.deepcopy(base), double_quant=double_quant, compute_dtype=compute_dtype)
 
 
 def peft_twin(base, method: str = "lora", seed: int = 0, r: int = 8, alpha: float = 16, targets=("q_proj", "v_proj"),
@@ -171,17 +169,6 @@ def compare_with_peft(ours, theirs, inputs, seed: int = 123) -> dict:
             raise AssertionError(f"{name} got no gradient: the comparison would prove nothing.")
         diffs[name] = max(diffs.get(name, 0.0), (mine.grad - ref.grad).abs().max().item())
     return diffs
-
-
-def nf4_from_bnb(weight):
-    """Our NF4Tensor holding exactly the state of a bitsandbytes `Params4bit` (its packed bytes, absmax, and with
-    double quantization its 8-bit absmax codes, their scales and the offset): the bytes map one to one."""
-    s = weight.quant_state
-    if s.quant_type != "nf4":
-        raise ValueError(f"Only NF4 maps onto NF4Tensor; this weight is {s.quant_type!r}.")
-    if s.nested:
-        return NF4Tensor(weight.data, s.absmax, s.blocksize, s.shape, s.dtype, s.state2.absmax, s.offset)
-    return NF4Tensor(weight.data, s.absmax, s.blocksize, s.shape, s.dtype)
 
 
 def train_steps(model, optimizer, ids, steps: int = 5) -> list:
